@@ -1,0 +1,172 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle).
+
+The safetensors file holds, for each adapted module ``m``, ``m.paca_weight`` (out x r, in its
+training dtype) and ``m.paca_indices`` (int32), plus every other trainable parameter under its
+own name (biases with ``bias="all"``). The JSON file holds the `PaCAConfig`, the format version
+and, per module, the shapes and scaling that loading checks against the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import PaCAConfig
+from .model import apply_paca, paca_layers
+from .selection import in_features_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "paca-lightning-adapter"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's tensors and JSON description, without touching the disk."""
+    layers = dict(paca_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no PaCA layers to save; call apply_paca first")
+    config = getattr(model, "paca_config", None)
+    if not isinstance(config, PaCAConfig):
+        raise ValueError("the model has PaCA layers but no paca_config; was it adapted with apply_paca?")
+    tensors: dict[str, torch.Tensor] = {}
+    modules = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.paca_weight"] = layer.paca_weight.detach()
+        tensors[f"{name}.paca_indices"] = layer.paca_indices.to(torch.int32)
+        modules[name] = {"rank": layer.rank, "scaling": layer.scaling, "in_features": layer.in_features,
+                         "out_features": layer.out_features,
+                         "layout": "conv1d" if layer.transposed else "linear"}
+    extra = [name for name, param in model.named_parameters()
+             if param.requires_grad and not name.endswith(".paca_weight")]
+    params = dict(model.named_parameters())
+    for name in extra:
+        tensors[name] = params[name].detach()
+    description = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                   "paca_lightning_version": __version__, "config": config.to_dict(),
+                   "modules": modules, "extra_parameters": extra}
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, description
+
+
+def save_adapter(model: nn.Module, directory: PathLike) -> Path:
+    """Write the adapter of ``model`` to ``directory``; each file appears atomically."""
+    tensors, description = adapter_state(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path),
+                                                                   metadata={"format": FORMAT}))
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda path: Path(path).write_text(json.dumps(description, indent=2) + "\n"))
+    return directory
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and validate both adapter files; errors name the file and what is wrong."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; an adapter directory written by "
+                                    f"save_adapter holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        description = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise ValueError(f"{config_path} is not a paca-lightning adapter config "
+                         f"(expected \"format\": \"{FORMAT}\")")
+    version = description.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {version!r}; this paca-lightning "
+                         f"{__version__} reads format_version <= {FORMAT_VERSION}. Upgrade "
+                         "paca-lightning to load it")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} is truncated or corrupt ({error}); re-save the adapter") from None
+    for key in ("config", "modules", "extra_parameters"):
+        if key not in description:
+            raise ValueError(f"{config_path} lacks the {key!r} entry")
+    expected = {f"{m}.{part}" for m in description["modules"] for part in ("paca_weight", "paca_indices")}
+    expected |= set(description["extra_parameters"])
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match {config_path}: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {unexpected[:5]}")
+    return description, tensors
+
+
+def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = True) -> nn.Module:
+    """Apply the adapter saved in ``directory`` to a fresh base ``model``; in place, returns it.
+
+    The result computes exactly what the saved model computed (the same columns, the same
+    trainable values, bit for bit). With ``trainable=False`` nothing requires grad.
+    """
+    description, tensors = read_adapter(directory)
+    config = PaCAConfig.from_dict(description["config"])
+    modules = dict(model.named_modules())
+    weights_path = Path(directory) / WEIGHTS_NAME
+    for name, meta in description["modules"].items():
+        if name not in modules:
+            continue  # apply_paca reports every missing name with close matches
+        module = modules[name]
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise TypeError(f"adapter module {name!r} is a {type(module).__name__} without a weight")
+        out_features = weight.shape[1] if meta["layout"] == "conv1d" else weight.shape[0]
+        if (in_features_of(module), out_features) != (meta["in_features"], meta["out_features"]):
+            raise ValueError(f"adapter module {name!r} was trained on in_features={meta['in_features']}, "
+                             f"out_features={meta['out_features']}, but the model's layer has "
+                             f"in_features={in_features_of(module)}, out_features={out_features}; "
+                             "load the adapter onto the base model it was trained on")
+        paca = tensors[f"{name}.paca_weight"]
+        if tuple(paca.shape) != (meta["out_features"], meta["rank"]):
+            raise ValueError(f"{weights_path}: {name}.paca_weight has shape {tuple(paca.shape)}, "
+                             f"expected {(meta['out_features'], meta['rank'])}")
+    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64) for name in description["modules"]}
+    apply_paca(model, config, indices=indices)
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, layer in paca_layers(model):
+            expected_scaling = description["modules"][name]["scaling"]
+            if layer.scaling != expected_scaling:
+                raise ValueError(f"adapter module {name!r}: config gives scaling {layer.scaling}, "
+                                 f"the file records {expected_scaling}")
+            layer.paca_weight.copy_(tensors[f"{name}.paca_weight"])
+            layer.sync_columns_()
+        for name in description["extra_parameters"]:
+            if name not in params:
+                raise ValueError(f"{weights_path} holds parameter {name!r}, which the model lacks")
+            if params[name].shape != tensors[name].shape:
+                raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"the model's is {tuple(params[name].shape)}")
+            params[name].copy_(tensors[name])
+    if not trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model

@@ -1,0 +1,30 @@
+"""`paca-lightning` command: one subcommand per job, each implemented in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+# subcommand -> (module with a main(argv) function, one-line help)
+SUBCOMMANDS = {
+    "bench": ("paca_lightning.bench", "measure PaCA against LoRA, DoRA, full fine-tuning and the floor"),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        lines = [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+        usage = "usage: paca-lightning SUBCOMMAND [args]\n\nsubcommands:\n" + "\n".join(lines)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"paca-lightning: unknown subcommand {argv[0]!r}\n\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0
+    module_name, _ = SUBCOMMANDS[argv[0]]
+    return importlib.import_module(module_name).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

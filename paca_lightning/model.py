@@ -1,0 +1,239 @@
+"""Where PaCA goes in a model: `apply_paca`, `merge_paca`, `unload_paca`, `disable_paca`."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .config import PaCAConfig
+from .layers import PaCALinear, is_conv1d
+from .selection import (Calibration, gradient_scores, in_features_of, random_columns, top_columns,
+                        weight_norm_scores)
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALinear]]:
+    """Every `PaCALinear` of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, PaCALinear):
+            yield name, module
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Layers PaCA can adapt: exactly ``nn.Linear`` (not subclasses, whose forward may differ)
+    or transformers ``Conv1D``."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    if not names:  # models without the transformers accessor: the conventional name
+        names = {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
+    return names
+
+
+def _name_in_list(name: str, keys: list[str]) -> bool:
+    return any(name == key or name.endswith("." + key) for key in keys)
+
+
+def _selected(name: str, selector, all_linear_names: set[str]) -> bool:
+    if selector == "all-linear":
+        return name in all_linear_names
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return _name_in_list(name, selector)
+
+
+def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    heads = _output_head_names(model)
+    all_linear = {name for name, m in modules.items() if _is_linear_like(m) and name not in heads}
+    chosen = {name: m for name, m in modules.items()
+              if name and _selected(name, config.target_modules, all_linear)}
+    if config.exclude_modules is not None:
+        chosen = {name: m for name, m in chosen.items()
+                  if not _selected(name, config.exclude_modules, all_linear)}
+
+    if isinstance(config.target_modules, list):
+        leaf_names = sorted({name.split(".")[-1] for name in modules if name})
+        for key in config.target_modules:
+            if not any(name == key or name.endswith("." + key) for name in modules if name):
+                close = difflib.get_close_matches(key.split(".")[-1], leaf_names, n=5, cutoff=0.5)
+                raise ValueError(f"PaCAConfig.target_modules entry {key!r} matches no module of "
+                                 f"{type(model).__name__}; close matches: {close or 'none'}; "
+                                 f"linear layers here are named e.g. {_examples(all_linear)}")
+    if not chosen:
+        raise ValueError(f"PaCAConfig.target_modules={config.target_modules!r} (excluding "
+                         f"{config.exclude_modules!r}) selects no module of {type(model).__name__}; "
+                         f"linear layers here are named e.g. {_examples(all_linear)}")
+    for name, module in chosen.items():
+        if not is_adaptable(module):
+            raise TypeError(f"module {name!r} is a {type(module).__module__}.{type(module).__name__}; "
+                            "PaCA adapts torch.nn.Linear and transformers Conv1D layers only. "
+                            f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
+    return chosen
+
+
+def _examples(names: set[str], n: int = 4) -> list[str]:
+    return sorted({name.split(".")[-1] for name in names})[:n]
+
+
+def _resolve_paca_dtype(config: PaCAConfig, weight_dtype: torch.dtype) -> torch.dtype:
+    if config.paca_dtype == "auto":
+        return torch.float32 if weight_dtype in _HALF_DTYPES else weight_dtype
+    return getattr(torch, config.paca_dtype)
+
+
+def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Calibration] = None,
+               indices: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+    """Adapt ``model`` in place with PaCA and return it.
+
+    Every targeted layer becomes a `PaCALinear`; every other parameter is frozen (biases train
+    when ``config.bias == "all"``).
+
+    Args:
+        model: any ``nn.Module``, typically a transformers ``PreTrainedModel``.
+        config: what to adapt and how.
+        calibration: for ``selection="gradient"``: a batch for ``model(**batch).loss`` or a
+            callable ``model -> loss``.
+        indices: explicit ``{module name: column indices}`` overriding the selection (used by
+            `load_adapter`); its keys are exactly the adapted modules.
+    """
+    already = next(paca_layers(model), None)
+    if already is not None:
+        raise RuntimeError(f"PaCA is already applied to this model (module {already[0]!r} is a "
+                           "PaCALinear); call merge_paca(model) or unload_paca(model) first")
+    if indices is not None:
+        modules = dict(model.named_modules())
+        missing = sorted(name for name in indices if name not in modules)
+        if missing:
+            raise ValueError(f"modules {missing[:5]} do not exist in {type(model).__name__}; close "
+                             f"matches: {difflib.get_close_matches(missing[0], list(modules), n=3)}")
+        targets = {name: modules[name] for name in indices}
+        for name, module in targets.items():
+            if not is_adaptable(module):
+                raise TypeError(f"module {name!r} is a {type(module).__name__}, not nn.Linear/Conv1D")
+    else:
+        targets = _find_targets(model, config)
+
+    for name, module in targets.items():
+        rank, in_features = config.rank_for(name), in_features_of(module)
+        if indices is None and rank > in_features:
+            raise ValueError(f"PaCA rank {rank} for module {name!r} exceeds its in_features="
+                             f"{in_features}; use rank <= {in_features} (rank_pattern can set "
+                             "it per module)")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+
+    if indices is not None:
+        chosen = {name: torch.as_tensor(value) for name, value in indices.items()}
+    elif config.selection == "gradient":
+        if calibration is None:
+            raise ValueError("PaCAConfig.selection='gradient' needs apply_paca(..., calibration=batch) "
+                             "with a batch holding labels, or a callable model -> loss")
+        scores = gradient_scores(model, targets, calibration)
+        chosen = {name: top_columns(scores[name], config.rank_for(name)) for name in targets}
+    elif config.selection == "weight_norm":
+        chosen = {name: top_columns(weight_norm_scores(m), config.rank_for(name))
+                  for name, m in targets.items()}
+    else:
+        chosen = {name: random_columns(in_features_of(m), config.rank_for(name), config.seed, name)
+                  for name, m in targets.items()}
+
+    for name, module in targets.items():
+        rank = chosen[name].numel()
+        scaling = config.alpha_for(name) / rank
+        layer = PaCALinear(module, chosen[name], scaling,
+                           _resolve_paca_dtype(config, module.weight.dtype))
+        _set_submodule(model, name, layer)
+    model.paca_config = config
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def merge_paca(model: nn.Module) -> nn.Module:
+    """Replace every `PaCALinear` by its original layer type holding the trained columns.
+
+    The result is a plain model (``save_pretrained`` works; loading it needs no paca_lightning)
+    with zero inference overhead. Works in place and returns ``model``.
+    """
+    return _release_all(model, merged=True)
+
+
+def unload_paca(model: nn.Module) -> nn.Module:
+    """Remove PaCA and restore the pretrained weights bit for bit; in place, returns ``model``."""
+    return _release_all(model, merged=False)
+
+
+def _release_all(model: nn.Module, merged: bool) -> nn.Module:
+    layers = list(paca_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no PaCA layers; apply_paca or load_adapter first")
+    for name, layer in layers:
+        _set_submodule(model, name, layer.merged_module() if merged else layer.base_module())
+    if "paca_config" in vars(model):
+        del model.paca_config
+    return model
+
+
+@contextlib.contextmanager
+def disable_paca(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every PaCA layer computes with its pretrained columns."""
+    layers = [layer for _, layer in paca_layers(model)]
+    for layer in layers:
+        layer.set_paca_enabled(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.set_paca_enabled(True)
+
+
+class TrainableReport(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                f"trainable%: {self.percent:.4f}")
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """Counts like peft's ``print_trainable_parameters``; ``str()`` gives its one-line report.
+
+    ``all params`` counts every parameter once, the trainable columns included.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
+            count *= 2  # bitsandbytes packs two 4-bit values per stored byte
+        total += count
+        trainable += count if param.requires_grad else 0
+    return TrainableReport(trainable, total)
