@@ -1,0 +1,35 @@
+"""Tiny models built from configs: nothing is downloaded."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, **overrides)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def token_batch(batch_size: int = 2, length: int = 12, vocab: int = 128, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()
