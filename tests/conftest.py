@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
@@ -24,6 +25,29 @@ def token_batch(batch_size: int = 2, length: int = 12, vocab: int = 128, seed: i
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, length), generator=generator)
     return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def saved_bytes(fn, parameters=()):
+    """Run ``fn`` and return (bytes autograd saved for backward, the saved tensors, fn's result).
+
+    Parameters cost nothing to save, so tensors living in a parameter's storage are excluded:
+    ``nn.Parameter`` instances and views of ``parameters`` (a frozen Linear saves ``W.t()``).
+    Each storage counts once, so a tensor saved by several ops (one input feeding q, k and v)
+    is not counted three times.
+    """
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages, saved = {}, []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if not isinstance(tensor, nn.Parameter) and storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+            saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return sum(storages.values()), saved, result
 
 
 @pytest.fixture

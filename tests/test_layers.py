@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import saved_bytes
 from paca_lightning import PaCALinear
 from paca_lightning.layers import PaCAFunction
 
@@ -103,21 +104,6 @@ def test_cpu_autocast_bf16_matches_dense_autocast(layout):
     assert x.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(layer.paca_weight.grad, layer.scaling * column_grad, rtol=2e-2, atol=2e-2)
-
-
-def saved_bytes(fn) -> tuple[int, list[torch.Tensor]]:
-    """Bytes autograd saves for backward while running fn, parameters excluded, each storage once."""
-    storages, saved = {}, []
-
-    def pack(tensor):
-        if not isinstance(tensor, nn.Parameter):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), saved, out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
