@@ -135,6 +135,11 @@ class PaCALinear(nn.Module):
         dtype = paca_dtype or self.weight.dtype
         self.paca_weight = nn.Parameter(self.paca_base_columns.to(dtype) / self.scaling)
         self.paca_enabled = True
+        # With auto_sync, forward checks the version counters and rewrites stale columns. Turn it
+        # off where forward cannot reach the real storage (FSDP2 computes on transient unsharded
+        # copies) or must not branch on Python state (torch.compile would recompile every step);
+        # then whoever updates paca_weight (optimizer step, load) calls sync_columns_() after.
+        self.auto_sync = True
         # The original module, unregistered: `merged_module`/`base_module` hand it back.
         self._base_module = (base,)
         self._synced = None
@@ -176,7 +181,7 @@ class PaCALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
             return _linear(x, self.weight, self.bias, self.transposed)
-        if self._synced != self._state_key():
+        if self.auto_sync and self._synced != self._state_key():
             self.sync_columns_()
         if torch.is_grad_enabled() and self.paca_weight.requires_grad:
             return PaCAFunction.apply(x, self.weight, self.bias, self.paca_weight, self.paca_indices,

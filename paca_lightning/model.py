@@ -211,6 +211,23 @@ def disable_paca(model: nn.Module) -> Iterator[nn.Module]:
             layer.set_paca_enabled(True)
 
 
+def sync_paca_columns(model: nn.Module) -> None:
+    """Write every layer's trained columns into its weight now (see `PaCALinear.auto_sync`)."""
+    for _, layer in paca_layers(model):
+        if layer.paca_enabled:
+            layer.sync_columns_()
+
+
+def set_paca_auto_sync(model: nn.Module, enabled: bool) -> None:
+    """Switch forward-time column syncing on or off for every PaCA layer of ``model``.
+
+    Off, the caller must call `sync_paca_columns` after each optimizer step and after loading
+    trained values; `PaCACallback` does so. Needed for ``torch.compile`` and FSDP2.
+    """
+    for _, layer in paca_layers(model):
+        layer.auto_sync = enabled
+
+
 class TrainableReport(NamedTuple):
     trainable: int
     total: int

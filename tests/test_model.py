@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from paca_lightning import (PaCAConfig, PaCALinear, apply_paca, disable_paca, merge_paca, paca_layers,
-                            trainable_parameters, unload_paca)
+                            set_paca_auto_sync, sync_paca_columns, trainable_parameters, unload_paca)
 from paca_lightning.selection import random_columns
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -271,3 +271,16 @@ def test_rank_above_in_features_names_the_module():
     with pytest.raises(ValueError, match=r"rank 65 for module 'model.layers.0.self_attn.q_proj' exceeds "
                                          r"its in_features=64"):
         apply_paca(make_tiny_llama(), PaCAConfig(rank=65))
+
+
+def test_without_auto_sync_columns_move_only_on_explicit_sync():
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4))
+    set_paca_auto_sync(model, False)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.paca_weight.add_(1.0)
+        model(**token_batch())
+    assert torch.equal(layer.weight, before)  # forward trusted the (stale) columns
+    sync_paca_columns(model)
+    assert torch.equal(layer.weight.index_select(1, layer.paca_indices), layer.scaling * layer.paca_weight)
