@@ -22,6 +22,7 @@ from torch import nn
 from . import __version__
 from .config import PaCAConfig
 from .model import apply_paca, paca_layers
+from .quantized import is_quantized_linear
 from .selection import in_features_of
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,7 +138,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
         weight = getattr(module, "weight", None)
         if weight is None:
             raise TypeError(f"adapter module {name!r} is a {type(module).__name__} without a weight")
-        out_features = weight.shape[1] if meta["layout"] == "conv1d" else weight.shape[0]
+        if is_quantized_linear(module):  # a 4-bit weight is stored packed
+            out_features = module.out_features
+        else:
+            out_features = weight.shape[1] if meta["layout"] == "conv1d" else weight.shape[0]
         if (in_features_of(module), out_features) != (meta["in_features"], meta["out_features"]):
             raise ValueError(f"adapter module {name!r} was trained on in_features={meta['in_features']}, "
                              f"out_features={meta['out_features']}, but the model's layer has "

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 SELECTIONS = ("random", "weight_norm", "gradient")
 BIAS_MODES = ("none", "all")
 PACA_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_FORMATS = ("nf4", "fp4", "int8")
 
 
 @dataclass
@@ -42,7 +43,13 @@ class PaCAConfig:
             (they are then saved in the adapter).
         paca_dtype: dtype of the trainable columns. ``"auto"`` keeps float32 master columns when
             the base weight is float16/bfloat16 (small and avoids stalled updates), otherwise
-            the weight's dtype.
+            the weight's dtype. On a quantized base ``"auto"`` means float32.
+        quantize: QPaCA on a plain model: ``"nf4"``/``"fp4"`` (bitsandbytes 4-bit, blocksize 64,
+            double-quantized scales, as in QLoRA) or ``"int8"`` (LLM.int8 row-wise) quantizes the
+            frozen base of every adapted layer right after its columns are selected, so the
+            selection sees full-precision weights; the trained columns stay in ``paca_dtype``.
+            ``None`` keeps the base as it is; models loaded with transformers
+            ``BitsAndBytesConfig`` are adapted on their quantized base either way.
     """
 
     rank: int = 16
@@ -55,6 +62,7 @@ class PaCAConfig:
     seed: int = 0
     bias: Literal["none", "all"] = "none"
     paca_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Optional[Literal["nf4", "fp4", "int8"]] = None
 
     def __post_init__(self) -> None:
         _check_positive_int("rank", self.rank)
@@ -80,6 +88,9 @@ class PaCAConfig:
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("bias", self.bias, BIAS_MODES)
         _check_choice("paca_dtype", self.paca_dtype, PACA_DTYPES)
+        if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
+            raise ValueError(f"PaCAConfig.quantize={self.quantize!r} is not valid; choose one of "
+                             f"{list(QUANTIZE_FORMATS)} or None (keep the base as loaded)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"PaCAConfig.seed must be an int, got {self.seed!r}")
 

@@ -13,6 +13,8 @@ from torch import nn
 
 from .config import PaCAConfig
 from .layers import PaCALinear, is_conv1d
+from .quantized import (QuantizedPaCALinear, check_quantized_selection, drop_quantization_markers,
+                        import_bitsandbytes, is_quantized_linear, quantized_paca_layer)
 from .selection import (Calibration, gradient_scores, in_features_of, random_columns, top_columns,
                         weight_norm_scores)
 
@@ -27,9 +29,9 @@ def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALinear]]:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Layers PaCA can adapt: exactly ``nn.Linear`` (not subclasses, whose forward may differ)
-    or transformers ``Conv1D``."""
-    return type(module) is nn.Linear or is_conv1d(module)
+    """Layers PaCA can adapt: exactly ``nn.Linear`` (not subclasses, whose forward may differ),
+    transformers ``Conv1D``, or a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (QPaCA)."""
+    return type(module) is nn.Linear or is_conv1d(module) or is_quantized_linear(module)
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -82,7 +84,8 @@ def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
     for name, module in chosen.items():
         if not is_adaptable(module):
             raise TypeError(f"module {name!r} is a {type(module).__module__}.{type(module).__name__}; "
-                            "PaCA adapts torch.nn.Linear and transformers Conv1D layers only. "
+                            "PaCA adapts torch.nn.Linear, transformers Conv1D and bitsandbytes "
+                            "Linear4bit/Linear8bitLt layers only. "
                             f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
     return chosen
 
@@ -125,10 +128,14 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         targets = {name: modules[name] for name in indices}
         for name, module in targets.items():
             if not is_adaptable(module):
-                raise TypeError(f"module {name!r} is a {type(module).__name__}, not nn.Linear/Conv1D")
+                raise TypeError(f"module {name!r} is a {type(module).__name__}, not nn.Linear/Conv1D or "
+                                "a bitsandbytes Linear4bit/Linear8bitLt")
     else:
         targets = _find_targets(model, config)
 
+    if config.quantize is not None:
+        import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
+    check_quantized_selection(config.selection, targets)
     for name, module in targets.items():
         rank, in_features = config.rank_for(name), in_features_of(module)
         if indices is None and rank > in_features:
@@ -161,8 +168,13 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     for name, module in targets.items():
         rank = chosen[name].numel()
         scaling = config.alpha_for(name) / rank
-        layer = PaCALinear(module, chosen[name], scaling,
-                           _resolve_paca_dtype(config, module.weight.dtype))
+        if config.quantize is not None or is_quantized_linear(module):
+            # A quantized base dequantizes to float32 exactly, so "auto" keeps float32 columns.
+            layer = quantized_paca_layer(module, name, chosen[name], scaling, config.quantize,
+                                         _resolve_paca_dtype(config, torch.float32), model)
+        else:
+            layer = PaCALinear(module, chosen[name], scaling,
+                               _resolve_paca_dtype(config, module.weight.dtype))
         _set_submodule(model, name, layer)
     model.paca_config = config
     return model
@@ -173,13 +185,26 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def merge_paca(model: nn.Module) -> nn.Module:
+def merge_paca(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
+               requantize: bool = False) -> nn.Module:
     """Replace every `PaCALinear` by its original layer type holding the trained columns.
 
     The result is a plain model (``save_pretrained`` works; loading it needs no paca_lightning)
     with zero inference overhead. Works in place and returns ``model``.
+
+    Layers on a bitsandbytes base (QPaCA) become dense ``nn.Linear`` layers in ``dtype``
+    (default: the dtype of the model's other parameters) whose trained columns are exactly
+    ``scaling * paca_weight``; with ``requantize=True`` they are quantized again in the base's
+    format instead (lossy: trained values are rounded). Both options apply to such layers only.
     """
-    return _release_all(model, merged=True)
+    quantized = [name for name, layer in paca_layers(model) if isinstance(layer, QuantizedPaCALinear)]
+    if (dtype is not None or requantize) and not quantized:
+        raise ValueError("merge_paca(dtype=..., requantize=...) applies to PaCA layers on a bitsandbytes "
+                         "base, and this model has none; call merge_paca(model)")
+    _release_all(model, merged=True, quantized_export={"dtype": dtype, "requantize": requantize})
+    if quantized and not requantize:
+        drop_quantization_markers(model)
+    return model
 
 
 def unload_paca(model: nn.Module) -> nn.Module:
@@ -187,12 +212,17 @@ def unload_paca(model: nn.Module) -> nn.Module:
     return _release_all(model, merged=False)
 
 
-def _release_all(model: nn.Module, merged: bool) -> nn.Module:
+def _release_all(model: nn.Module, merged: bool, quantized_export: Optional[dict] = None) -> nn.Module:
     layers = list(paca_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; apply_paca or load_adapter first")
     for name, layer in layers:
-        _set_submodule(model, name, layer.merged_module() if merged else layer.base_module())
+        if not merged:
+            _set_submodule(model, name, layer.base_module())
+        elif isinstance(layer, QuantizedPaCALinear):
+            _set_submodule(model, name, layer.merged_module(**(quantized_export or {})))
+        else:
+            _set_submodule(model, name, layer.merged_module())
     if "paca_config" in vars(model):
         del model.paca_config
     return model

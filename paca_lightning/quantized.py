@@ -1,0 +1,438 @@
+"""QPaCA: PaCA on a frozen 4-bit (NF4/FP4) or 8-bit (LLM.int8) bitsandbytes base.
+
+The base weight stays quantized and is never written. The ``r`` trained columns live apart, in
+``paca_weight`` (float32 master copy by default), and are substituted into a transient
+dequantized copy of the weight at every use::
+
+    forward   Wq ──dequantize──► W (compute dtype) ──W[:, S] = s·P──► y = x @ W^T + b ──► y
+              x ──index_select(S)──► x_S (saved)        W is freed as soon as y exists
+
+    backward  Wq ──dequantize──► W, W[:, S] = s·P  ──► dx = dy @ W      (recomputed, then freed)
+              dy, x_S ──────────────────────────────► dP = s · dy^T @ x_S
+
+So one layer holds at most one dequantized copy at any time, backward stores nothing of the size
+of the weight, and the backward dequantization is skipped entirely when the layer input needs
+no gradient. The authors' implementation dequantizes twice per forward (once to write the
+columns, once inside bitsandbytes' matmul) and, on merge, re-quantizes the trained columns,
+losing their precision; here the trained columns are the source of truth and are exported
+exactly (`QuantizedPaCALinear.merged_module`).
+
+Two ways in: a model loaded with transformers ``BitsAndBytesConfig`` (its ``Linear4bit`` /
+``Linear8bitLt`` layers are wrapped as they are), or a plain model with
+``PaCAConfig(quantize="nf4" | "fp4" | "int8")``, which quantizes each adapted layer right after
+its columns are selected (so ``weight_norm``/``gradient`` selection sees full-precision weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import PaCALinear, is_conv1d
+
+SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
+                    "Linear8bitLt (has_fp16_weights=False)")
+_INT8_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it, for bit-equal results
+_ROWS_PER_INT8_CHUNK_ELEMENTS = 1 << 22  # int8 dequantization temporaries stay <= 16 MiB (fp32)
+
+
+def import_bitsandbytes(purpose: str):
+    """``bitsandbytes``, or an ImportError that says what needed it and how to get it."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ImportError(f"{purpose} needs the bitsandbytes package (pip install 'bitsandbytes>=0.45'), "
+                          f"which cannot be imported here: {error}") from error
+    return bitsandbytes
+
+
+def quantized_kind(module: nn.Module) -> Optional[str]:
+    """``"4bit"`` for a bitsandbytes ``Linear4bit``, ``"8bit"`` for ``Linear8bitLt``, else None.
+
+    A model can only hold bitsandbytes layers once bitsandbytes is imported, so this never
+    imports it (plain models work without the package).
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return None
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    return quantized_kind(module) is not None
+
+
+def quantization_of(module: nn.Module) -> str:
+    """The `PaCAConfig.quantize` name of a bitsandbytes layer's format: nf4, fp4 or int8."""
+    if quantized_kind(module) == "8bit":
+        return "int8"
+    return _quant_state(module).quant_type
+
+
+@contextlib.contextmanager
+def backend_errors(kind: str, device: torch.device) -> Iterator[None]:
+    """Turn a failing bitsandbytes kernel into an error naming the backend that is missing.
+
+    bitsandbytes dispatches its kernels per device type; a build without a backend for the
+    device (or without its native CPU library) fails deep inside with NotImplementedError or a
+    missing-library error, which says nothing about what to install.
+    """
+    try:
+        yield
+    except (NotImplementedError, RuntimeError, AttributeError, OSError) as error:
+        bnb = sys.modules.get("bitsandbytes")
+        version = getattr(bnb, "__version__", "?")
+        raise RuntimeError(
+            f"bitsandbytes {version} cannot run {kind} quantization on device '{device}': "
+            f"{type(error).__name__}: {error}. QPaCA needs a bitsandbytes build with a backend for "
+            "this device (CUDA, ROCm, XPU, HPU, or CPU with its native library; see "
+            "https://huggingface.co/docs/bitsandbytes/main/en/installation), or put the model on a "
+            "device it supports") from error
+
+
+def _quant_state(module: nn.Module):
+    state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} has no quantization state; it is not quantized yet "
+                         "(bitsandbytes quantizes a Linear4bit when it is moved to its device: call .to(device))")
+    return state
+
+
+def _int8_row_scales(module: nn.Module) -> torch.Tensor:
+    # Linear8bitLt moves the row scales from the weight to its matmul state on its first forward.
+    scales = getattr(module.weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+    if scales is None:
+        raise ValueError("Linear8bitLt has no row scales (SCB); it is not quantized yet: call .to(device)")
+    return scales
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The (out x in) dequantized weight of a bitsandbytes layer in ``dtype``: one new tensor.
+
+    Bit-equal to bitsandbytes' own dequantization cast to ``dtype``, without a second
+    full-size temporary: 4-bit dequantizes straight into ``dtype``; 8-bit goes through
+    bitsandbytes' float32 formula in row chunks.
+    """
+    bnb = import_bitsandbytes("dequantizing a quantized base layer")
+    if quantized_kind(module) == "4bit":
+        state = copy.copy(_quant_state(module))
+        state.dtype = dtype
+        return bnb.functional.dequantize_4bit(module.weight.data, state)
+    quantized = module.weight.data
+    scales = _int8_row_scales(module).to(quantized.device)
+    out = torch.empty(quantized.shape, dtype=dtype, device=quantized.device)
+    rows = max(1, _ROWS_PER_INT8_CHUNK_ELEMENTS // max(1, quantized.shape[1]))
+    for start in range(0, quantized.shape[0], rows):
+        chunk = bnb.functional.int8_vectorwise_dequant(quantized[start:start + rows], scales[start:start + rows])
+        out[start:start + rows] = chunk
+    return out
+
+
+def quantize_linear(linear: nn.Linear, quantize: str, name: str) -> nn.Module:
+    """A bitsandbytes ``Linear4bit``/``Linear8bitLt`` holding ``linear``'s weight quantized.
+
+    4-bit uses blocksize 64 with double quantization of the block scales (QLoRA's setting) and
+    computes in the layer's original dtype. The bias is kept as it is (same Parameter).
+    """
+    if type(linear) is not nn.Linear:
+        layout = "GPT-2 Conv1D (weight stored in x out)" if is_conv1d(linear) else type(linear).__name__
+        raise TypeError(f"PaCAConfig.quantize={quantize!r}: module {name!r} is a {layout}; quantize applies "
+                        "to torch.nn.Linear layers. Load the model with transformers BitsAndBytesConfig "
+                        "instead, or exclude this module")
+    bnb = import_bitsandbytes(f"PaCAConfig.quantize={quantize!r}")
+    weight, device = linear.weight.detach(), linear.weight.device
+    has_bias = linear.bias is not None
+    if quantize == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=weight.dtype, compress_statistics=True,
+                                  quant_type=quantize, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                         quant_type=quantize, module=layer)
+    with backend_errors(quantize, device):
+        layer.weight = layer.weight._quantize(device)
+    if has_bias:
+        layer.bias = linear.bias
+    return layer
+
+
+def dense_dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters outside quantized layers (float32 if none).
+
+    Merged quantized layers take this dtype so that the exported model computes in one dtype.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and not hasattr(param, "quant_state"):
+            return param.dtype
+    return torch.float32
+
+
+def quantized_paca_layer(module: nn.Module, name: str, paca_indices: torch.Tensor, scaling: float,
+                         quantize: Optional[str], paca_dtype: torch.dtype, model: nn.Module) -> "QuantizedPaCALinear":
+    """The QPaCA layer for target ``name`` (what `apply_paca` builds for quantized targets).
+
+    A plain ``nn.Linear`` is quantized first (``quantize`` set); a bitsandbytes layer is wrapped
+    as it is, after checking that its format is the one ``quantize`` asks for (if any).
+    """
+    if quantized_kind(module) is None:
+        merge_dtype = module.weight.dtype
+        module = quantize_linear(module, quantize, name)
+    else:
+        found = quantization_of(module)
+        if quantize is not None and found != quantize:
+            raise ValueError(f"PaCAConfig.quantize={quantize!r}, but module {name!r} is already quantized "
+                             f"as {found}; set quantize={found!r} or None for this model")
+        merge_dtype = dense_dtype_of(model)
+    return QuantizedPaCALinear(module, paca_indices, scaling, paca_dtype, merge_dtype)
+
+
+def check_quantized_selection(selection: str, targets: dict) -> None:
+    """Gradient selection needs dL/dW of each target, which a quantized weight cannot hold."""
+    quantized = sorted(name for name, module in targets.items() if is_quantized_linear(module))
+    if selection == "gradient" and quantized:
+        raise ValueError(f"selection='gradient' needs full-precision weights, but {quantized[:3]} "
+                         "are already quantized. Load the model unquantized and set PaCAConfig.quantize "
+                         "(selection runs before quantization), or use selection='random'/'weight_norm'")
+
+
+def _check_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
+    indices = torch.as_tensor(paca_indices, dtype=torch.int64, device=device)
+    if indices.ndim != 1 or indices.numel() == 0:
+        raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+    indices = indices.sort().values
+    if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
+        raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
+                         f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")
+    return indices
+
+
+class QuantizedPaCAFunction(torch.autograd.Function):
+    """``y = x @ W^T + b`` on the dequantized base with ``W[:, S] = s * P``; see the module docstring.
+
+    ``layer`` (the `QuantizedPaCALinear`) provides the dequantization. ``paca_weight`` is saved
+    for backward (no copy; autograd's version check catches an update between the passes), so
+    backward rebuilds exactly the weight forward used.
+    """
+
+    @staticmethod
+    def forward(ctx, x, paca_weight, bias, layer):
+        compute_dtype = layer.compute_dtype_for(x)
+        weight = layer.effective_weight(paca_weight, compute_dtype)
+        y = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
+        del weight
+        x_columns = x.index_select(-1, layer.paca_indices).to(compute_dtype) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(x_columns, paca_weight)
+        ctx.layer, ctx.compute_dtype, ctx.x_dtype = layer, compute_dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # Under autocast the output stays in the autocast dtype, as for a dense autocast Linear;
+        # otherwise it comes back in the input's dtype, as bitsandbytes' Linear4bit returns it.
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_columns, paca_weight = ctx.saved_tensors
+        layer = ctx.layer
+        grad_output = grad_output.to(ctx.compute_dtype)
+        grad_x = grad_paca = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = layer.effective_weight(paca_weight, ctx.compute_dtype)
+            grad_x = (grad_output @ weight).to(ctx.x_dtype)
+            del weight
+        dy = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            xs = x_columns.reshape(-1, x_columns.shape[-1])
+            grad_paca = (dy.t() @ xs).mul_(layer.scaling).to(paca_weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_paca, grad_bias, None
+
+
+class QuantizedPaCALinear(PaCALinear):
+    """A bitsandbytes ``Linear4bit``/``Linear8bitLt`` whose columns ``paca_indices`` train.
+
+    Same public attributes as `PaCALinear` (``weight`` is the frozen quantized Parameter,
+    ``paca_base_columns`` the dequantized pretrained columns in float32), so adapter files,
+    `merge_paca`, `unload_paca` and `disable_paca` treat both alike.
+
+    Args:
+        base: the quantized layer. Its ``weight``/``bias`` Parameters are taken over (state-dict
+            keys stay ``<name>.weight``/``<name>.bias`` plus bitsandbytes' quantization state).
+        paca_indices: ``r`` distinct input features to train.
+        scaling: ``s = alpha / r``.
+        paca_dtype: dtype of ``paca_weight`` (default float32: a master copy, since the base
+            keeps no trained values of its own).
+        merge_dtype: dtype of the dense weight `merged_module` exports by default; the dtype of
+            the rest of the model, so the merged model computes in one dtype.
+    """
+
+    def __init__(self, base: nn.Module, paca_indices: torch.Tensor, scaling: float,
+                 paca_dtype: Optional[torch.dtype] = None, merge_dtype: Optional[torch.dtype] = None) -> None:
+        nn.Module.__init__(self)
+        kind = quantized_kind(base)
+        if kind is None:
+            raise TypeError(f"QuantizedPaCALinear adapts {SUPPORTED_LAYERS}, got "
+                            f"{type(base).__module__}.{type(base).__name__}")
+        if kind == "8bit" and getattr(base.weight, "has_fp16_weights", False):
+            raise TypeError("Linear8bitLt with has_fp16_weights=True trains its own 16-bit weight and is "
+                            "not a frozen quantized base; PaCA adapts Linear8bitLt(has_fp16_weights=False) "
+                            "as transformers' BitsAndBytesConfig(load_in_8bit=True) builds it")
+        if kind == "4bit":
+            state = _quant_state(base)
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks 4-bit weights for its fused CPU inference kernel on an eval
+                # forward; PaCA dequantizes the standard layout, so restore it (values unchanged).
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+                base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    base.weight.data, state)
+        self.kind = kind
+        self.transposed = False
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.scaling = float(scaling)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        device = self.weight.device
+        self.register_buffer("paca_indices", _check_indices(paca_indices, self.in_features, device))
+        with backend_errors(quantization_of(base), device):
+            base_columns = dequantize_weight(base, torch.float32).index_select(1, self.paca_indices)
+        self.register_buffer("paca_base_columns", base_columns)
+        self.paca_weight = nn.Parameter(base_columns.to(paca_dtype or torch.float32) / self.scaling)
+        self.merge_dtype = merge_dtype or (_quant_state(base).dtype if kind == "4bit" else torch.float32)
+        self.paca_enabled = True
+        # The weight never holds trained values, so there is nothing to keep in sync: these exist
+        # for code that drives any PaCALinear (callbacks, sharding helpers).
+        self.auto_sync = True
+        self.delta_form = False
+        self._base_module = (base,)
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """Autocast's dtype when active, else the 4-bit layer's ``compute_dtype``, else x's dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        if self.kind == "4bit" and getattr(self._base_module[0], "compute_dtype", None) is not None:
+            return self._base_module[0].compute_dtype
+        return x.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The pretrained (out x in) weight in ``dtype``, without the trained columns."""
+        return dequantize_weight(self._base_module[0], dtype)
+
+    def effective_weight(self, paca_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized base with ``(s * paca_weight).to(dtype)`` in columns ``paca_indices``."""
+        weight = self.dequantized_weight(dtype)
+        weight.index_copy_(1, self.paca_indices, (paca_weight.detach() * self.scaling).to(dtype))
+        return weight
+
+    def _read_columns(self) -> torch.Tensor:
+        return self.dequantized_weight(torch.float32).index_select(1, self.paca_indices)
+
+    def _write_columns(self, columns: torch.Tensor) -> None:
+        raise RuntimeError("a quantized PaCA base is never written; the trained columns live in paca_weight")
+
+    def sync_columns_(self) -> None:
+        """Nothing to write: every use substitutes ``paca_weight`` into a fresh dequantized copy."""
+
+    def columns_are_synced(self) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.paca_enabled:
+            dtype = self.compute_dtype_for(x)
+            y = F.linear(x.to(dtype), self.dequantized_weight(dtype),
+                         None if self.bias is None else self.bias.to(dtype))
+            return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return QuantizedPaCAFunction.apply(x, self.paca_weight, self.bias, self)
+
+    @torch.no_grad()
+    def set_paca_enabled(self, enabled: bool) -> None:
+        """Disabled, the layer computes with the dequantized pretrained weight."""
+        self.paca_enabled = enabled
+
+    def merged_module(self, dtype: Optional[torch.dtype] = None, requantize: bool = False) -> nn.Module:
+        """A layer without PaCA holding the trained columns.
+
+        Args:
+            dtype: dtype of the exported dense weight (and bias); default ``merge_dtype``.
+                The trained columns are ``(scaling * paca_weight).to(dtype)`` exactly, the other
+                columns the dequantized base: no trained value is re-quantized.
+            requantize: instead return a bitsandbytes layer of the base's own format (same
+                quant type, blocksize, double quantization, compute dtype) quantized from that
+                dense weight. Lossy: the trained columns are rounded to the quantization grid
+                like every other value.
+        """
+        base = self._base_module[0]
+        dtype = dtype or self.merge_dtype
+        with torch.no_grad():
+            weight = self.effective_weight(self.paca_weight, dtype)
+            bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype),
+                                                               requires_grad=self.bias.requires_grad)
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = bias
+        if not requantize:
+            return dense
+        if self.kind == "8bit":
+            return quantize_linear(dense, "int8", type(base).__name__)
+        state = _quant_state(base)
+        bnb = import_bitsandbytes("requantize=True")
+        layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None,
+                                  compute_dtype=base.compute_dtype, compress_statistics=state.nested,
+                                  quant_type=state.quant_type, quant_storage=base.weight.quant_storage,
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=state.blocksize,
+                                         compress_statistics=state.nested, quant_type=state.quant_type,
+                                         quant_storage=base.weight.quant_storage, module=layer)
+        with backend_errors(state.quant_type, weight.device):
+            layer.weight = layer.weight._quantize(weight.device)
+        layer.bias = bias
+        return layer
+
+    def base_module(self) -> nn.Module:
+        """The quantized base layer, untouched (it never held trained values)."""
+        self.paca_enabled = False
+        return self._release()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # bitsandbytes adds the quantization state (block scales, quant map, ...) next to the weight.
+        self._base_module[0]._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        return (f"{quantization_of(self._base_module[0])}(in_features={self.in_features}, "
+                f"out_features={self.out_features}, bias={self.bias is not None}), rank={self.rank}, "
+                f"scaling={self.scaling:g}")
+
+
+def drop_quantization_markers(model: nn.Module) -> None:
+    """Once no bitsandbytes layer is left, remove transformers' record that the model is quantized.
+
+    Otherwise ``save_pretrained`` would write a ``quantization_config`` and loading the merged
+    dense checkpoint would quantize it again.
+    """
+    if any(is_quantized_linear(m) or type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config
+        model.is_quantized = False
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
