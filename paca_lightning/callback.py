@@ -1,0 +1,393 @@
+"""`PaCACallback`: PaCA inside any Lightning ``Trainer`` run, in one line.
+
+::
+
+    trainer = Trainer(callbacks=[PaCACallback(PaCAConfig(rank=16))])
+    trainer.fit(my_lightning_module)      # any LightningModule exposing its transformers model
+
+What the callback does, hook by hook:
+
+- ``setup``: finds the module's model and adapts it with `adapt_for_training` (the one place
+  PaCA is applied: before the strategy wraps or shards anything). A model created in the
+  module's ``configure_model`` is adapted right after that hook returns. Installs
+  `AtomicCheckpointIO` and, for adapter-only checkpoints, relaxes strict state-dict loading
+  (the callback checks the keys itself, see below).
+- training: stops the run with `NonFiniteLossError` before a non-finite loss reaches backward,
+  so the optimizer never steps on it and the last good checkpoint stays the last one; writes
+  the trained columns into the weights after every optimizer step when forward-time syncing is
+  off (``torch.compile``, sharded training); logs tokens/s, samples/s and the device's peak
+  memory.
+- checkpoints: with ``adapter_only_checkpoints`` the saved state dict holds only the trainable
+  tensors (megabytes instead of the whole model) and the column indices go to a ``"paca"``
+  entry that loading verifies; the callback's own state carries the RNG states, so resuming
+  replays dropout exactly.
+- ``on_fit_end``: writes ``<default_root_dir>/paca_adapter/`` (`save_adapter` files) and
+  ``<default_root_dir>/merged/`` (``save_pretrained`` model and tokenizer, loadable without
+  this package).
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+import time
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .adapter import save_adapter
+from .checkpoint import AtomicCheckpointIO
+from .config import PaCAConfig
+from .model import apply_paca, paca_layers, sync_paca_columns, trainable_parameters
+from .selection import Calibration
+
+ADAPTER_DIRNAME = "paca_adapter"
+MERGED_DIRNAME = "merged"
+# Buffers that `apply_paca` derives from the base model again; checkpoints need not carry them.
+_DERIVED_BUFFER_SUFFIX = ".paca_base_columns"
+_INDICES_SUFFIX = ".paca_indices"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops before the optimizer uses it."""
+
+
+def adapt_for_training(model: nn.Module, config: PaCAConfig, calibration: Optional[Calibration] = None) -> nn.Module:
+    """Apply PaCA to ``model`` for a training run, once: the single entry point of trainers.
+
+    Call it after the model exists and before any strategy wraps or shards it (DDP, FSDP's
+    ``fully_shard``). A model already adapted is returned as is when its config equals
+    ``config`` (``configure_model`` may run more than once, e.g. ``fit`` then ``validate``);
+    a different config is an error rather than a silent second adaptation.
+    """
+    if any(_is_sharded(param) for param in model.parameters()):
+        raise RuntimeError(f"{type(model).__name__} is already sharded (its parameters are DTensors); "
+                           "PaCA must be applied before sharding. In configure_model, call "
+                           "paca_lightning.callback.adapt_for_training(model, config) before fully_shard")
+    if next(paca_layers(model), None) is not None:
+        existing = getattr(model, "paca_config", None)
+        if existing is not None and existing != config:
+            raise ValueError(f"{type(model).__name__} already carries PaCA with {existing}, which differs "
+                             f"from the requested {config}; use one PaCAConfig for the module and the callback")
+        return model
+    return apply_paca(model, config, calibration=calibration)
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor"
+
+
+def find_transformers_model(pl_module: LightningModule, attribute: Optional[str] = None) -> nn.Module:
+    """The model PaCA adapts inside ``pl_module``.
+
+    ``attribute`` names it explicitly (dotted paths allowed); otherwise the module's single
+    transformers ``PreTrainedModel`` submodule, otherwise its ``model`` attribute.
+    """
+    if attribute is not None:
+        try:
+            model = pl_module.get_submodule(attribute)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise AttributeError(f"{type(pl_module).__name__} has no submodule {attribute!r} "
+                                 f"(PaCACallback(model_attribute=...)); its children are {children}") from None
+        return model
+    from transformers import PreTrainedModel
+
+    found = [(name, module) for name, module in pl_module.named_modules()
+             if isinstance(module, PreTrainedModel)]
+    outermost = [(name, module) for name, module in found
+                 if not any(name != other and name.startswith(other + ".") for other, _ in found)]
+    if len(outermost) == 1:
+        return outermost[0][1]
+    if len(outermost) > 1:
+        raise ValueError(f"{type(pl_module).__name__} holds several transformers models "
+                         f"{[name for name, _ in outermost]}; choose one with PaCACallback(model_attribute=...)")
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise ValueError(f"{type(pl_module).__name__} exposes no transformers model: no PreTrainedModel "
+                     "submodule and no `model` attribute. Pass PaCACallback(model_attribute='<name>') "
+                     "or create the model in __init__ or configure_model")
+
+
+class PaCACallback(Callback):
+    """Applies PaCA to a LightningModule's model and keeps a Trainer run correct and observable.
+
+    Args:
+        config: the PaCA adapter to train.
+        model_attribute: name of the submodule to adapt; by default the module's single
+            transformers model (see `find_transformers_model`).
+        calibration: calibration batch for ``config.selection="gradient"``.
+        adapter_only_checkpoints: save only the trainable tensors in Lightning checkpoints. The
+            frozen base is reloaded from its source on resume, so saving it again every few
+            hundred steps only costs disk and time (the base of a 70B model is 140 GB; its
+            adapter a few hundred MB). Turn off to keep self-contained full checkpoints.
+        atomic_checkpoints: replace Lightning's default checkpoint IO by `AtomicCheckpointIO`.
+        save_adapter_on_fit_end: write ``<default_root_dir>/paca_adapter/`` when fit ends.
+        save_merged_on_fit_end: write ``<default_root_dir>/merged/``: the merged model in
+            ``save_pretrained`` format, with the module's ``tokenizer`` attribute if it has one.
+        log_throughput: log ``train/tokens_per_s``, ``train/samples_per_s`` and
+            ``train/peak_memory_gb`` every ``trainer.log_every_n_steps`` optimizer steps.
+    """
+
+    def __init__(self, config: PaCAConfig, *, model_attribute: Optional[str] = None,
+                 calibration: Optional[Calibration] = None, adapter_only_checkpoints: bool = True,
+                 atomic_checkpoints: bool = True, save_adapter_on_fit_end: bool = True,
+                 save_merged_on_fit_end: bool = True, log_throughput: bool = True) -> None:
+        if not isinstance(config, PaCAConfig):
+            raise TypeError(f"PaCACallback needs a PaCAConfig, got {type(config).__name__}")
+        self.config = config
+        self.model_attribute = model_attribute
+        self.calibration = calibration
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.atomic_checkpoints = atomic_checkpoints
+        self.save_adapter_on_fit_end = save_adapter_on_fit_end
+        self.save_merged_on_fit_end = save_merged_on_fit_end
+        self.log_throughput = log_throughput
+        self.model: Optional[nn.Module] = None
+        self._window_start: Optional[float] = None
+        self._window_tokens = self._window_samples = 0
+        self._last_logged_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return f"PaCACallback[rank={self.config.rank},seed={self.config.seed}]"
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.atomic_checkpoints and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.adapter_only_checkpoints:
+            # Adapter-only checkpoints lack the frozen tensors; `on_load_checkpoint` checks the keys.
+            pl_module.strict_loading = False
+        if _overrides_configure_model(pl_module):
+            self._adapt_after_configure_model(pl_module)
+        else:
+            self.adapt(pl_module)
+
+    def adapt(self, pl_module: LightningModule) -> nn.Module:
+        """Find ``pl_module``'s model and apply PaCA to it (`adapt_for_training`)."""
+        model = find_transformers_model(pl_module, self.model_attribute)
+        self.model = adapt_for_training(model, self.config, self.calibration)
+        return self.model
+
+    def _adapt_after_configure_model(self, pl_module: LightningModule) -> None:
+        """Make ``pl_module.configure_model`` apply PaCA as soon as it has built the model.
+
+        Lightning calls callbacks' ``setup`` before ``configure_model`` and offers no callback
+        hook between ``configure_model`` and the strategy's wrapping, so the instance's hook is
+        wrapped (once; the class is untouched).
+        """
+        original = pl_module.configure_model
+        if getattr(original, "_paca_wrapped", False):
+            return
+        callback = self
+
+        def configure_model(module_self) -> None:
+            original()
+            callback.adapt(module_self)
+
+        configure_model._paca_wrapped = True
+        pl_module.configure_model = types.MethodType(configure_model, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model = self._require_model()
+        report = trainable_parameters(model)
+        rank_zero_info(f"PaCA: {report}")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"paca/trainable_params": report.trainable,
+                                    "paca/total_params": report.total, "paca/trainable_percent": report.percent})
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("PaCACallback has not adapted a model yet; it does so in Trainer setup")
+        return self.model
+
+    # -------------------------------------------------------------------------- training
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        sync_paca_columns(self._require_model())  # covers values restored by load_state_dict
+        self._window_start, self._window_tokens, self._window_samples = None, 0, 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _sync_stale_columns(self._require_model())
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+                getattr(trainer.checkpoint_callback, "best_model_path", "")
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"training loss is {loss.detach().float().item()} at global step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); the run stops before this loss is used, {kept}. "
+                "Usual fixes: lower the learning rate, use bf16-mixed instead of 16-mixed, set "
+                "gradient_clip_val, check the batch for empty or corrupt sequences")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        _sync_stale_columns(self._require_model())
+        if not self.log_throughput:
+            return
+        now = time.perf_counter()
+        if self._window_start is None:  # the first batch includes warm-up; start measuring after it
+            self._window_start = now
+            return
+        tokens, samples = _count_tokens_and_samples(batch)
+        self._window_tokens += tokens
+        self._window_samples += samples
+        step = trainer.global_step
+        if step % max(trainer.log_every_n_steps, 1) == 0 and step != self._last_logged_step:
+            seconds = now - self._window_start
+            pl_module.log_dict({"train/tokens_per_s": self._window_tokens / seconds,
+                                "train/samples_per_s": self._window_samples / seconds,
+                                "train/peak_memory_gb": peak_memory_bytes(pl_module.device) / 2**30},
+                               on_step=True, on_epoch=False, sync_dist=False)
+            self._window_start, self._window_tokens, self._window_samples = now, 0, 0
+            self._last_logged_step = step
+
+    # ----------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        model = self._require_model()
+        prefix = _prefix_of(pl_module, model)
+        checkpoint["paca"] = {
+            "config": self.config.to_dict(),
+            "indices": {prefix + name + _INDICES_SUFFIX: layer.paca_indices.detach().cpu().clone()
+                        for name, layer in paca_layers(model)},
+        }
+        if not self.adapter_only_checkpoints:
+            return
+        keep = set(_trainable_keys(pl_module))
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {key: value for key, value in state.items() if key in keep}
+        checkpoint["paca"]["adapter_only"] = True
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint belongs to this model (after Lightning has loaded it)."""
+        model = self._require_model()
+        saved = checkpoint.get("paca")
+        if saved is None:
+            raise ValueError("this checkpoint has no 'paca' entry: it was not written by a run with "
+                             "PaCACallback, so it cannot restore PaCA columns")
+        prefix = _prefix_of(pl_module, model)
+        for name, layer in paca_layers(model):
+            key = prefix + name + _INDICES_SUFFIX
+            indices = saved["indices"].get(key)
+            if indices is None or not torch.equal(indices.to(layer.paca_indices.device), layer.paca_indices):
+                raise ValueError(f"checkpoint columns of {name!r} differ from the columns this run selected "
+                                 f"({'absent' if indices is None else 'different indices'}); resume with the "
+                                 f"PaCAConfig of the checkpoint: {saved['config']}")
+        if saved.get("adapter_only"):
+            state, module_keys = checkpoint["state_dict"], set(pl_module.state_dict())
+            missing = sorted(set(_trainable_keys(pl_module)) - set(state))
+            unexpected = sorted(set(state) - module_keys)
+            if missing or unexpected:
+                raise ValueError(f"adapter-only checkpoint does not fit {type(pl_module).__name__}: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+        sync_paca_columns(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG states, so dropout and sampling continue exactly after a resume.
+
+        Only tensors, strings and numbers: the checkpoint stays loadable with ``weights_only=True``.
+        """
+        generator, keys, position, has_gauss, cached_gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": (generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict["rng"]
+        torch.set_rng_state(rng["torch"])
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        generator, keys, position, has_gauss, cached_gauss = rng["numpy"]
+        np.random.set_state((generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # --------------------------------------------------------------------------- fit end
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self.save_adapter_on_fit_end or self.save_merged_on_fit_end):
+            return
+        model = self._require_model()
+        root = Path(trainer.default_root_dir)
+        if trainer.is_global_zero:
+            if self.save_adapter_on_fit_end:
+                save_adapter(model, root / ADAPTER_DIRNAME)
+            if self.save_merged_on_fit_end:
+                save_merged(model, root / MERGED_DIRNAME, getattr(pl_module, "tokenizer", None))
+        trainer.strategy.barrier("paca_fit_end_export")
+
+
+def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` the merged model without touching the live PaCA model.
+
+    The weights already hold the trained columns (the PaCA invariant), so the merged state dict
+    is the model's own minus PaCA's extra tensors: nothing is copied and training can continue.
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained; a merged export needs a "
+                        "transformers model (disable it with save_merged_on_fit_end=False)")
+    sync_paca_columns(model)
+    state = {key: value for key, value in model.state_dict().items()
+             if not key.endswith((".paca_weight", _INDICES_SUFFIX, _DERIVED_BUFFER_SUFFIX))}
+    directory = Path(directory)
+    model.save_pretrained(directory, state_dict=state)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _overrides_configure_model(pl_module: LightningModule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("configure_model", pl_module)
+
+
+def _sync_stale_columns(model: nn.Module) -> None:
+    for _, layer in paca_layers(model):
+        if layer.paca_enabled and not layer.columns_are_synced():
+            layer.sync_columns_()
+
+
+def _trainable_keys(pl_module: LightningModule) -> list[str]:
+    return [name for name, param in pl_module.named_parameters() if param.requires_grad]
+
+
+def _prefix_of(pl_module: LightningModule, model: nn.Module) -> str:
+    for name, module in pl_module.named_modules():
+        if module is model:
+            return name + "." if name else ""
+    raise ValueError(f"the adapted {type(model).__name__} is no longer a submodule of {type(pl_module).__name__}")
+
+
+def _count_tokens_and_samples(batch: Any) -> tuple[int, int]:
+    if isinstance(batch, Mapping):
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum()), mask.shape[0]
+        if isinstance(ids, torch.Tensor):
+            return ids.numel(), ids.shape[0]
+    if isinstance(batch, torch.Tensor):
+        return batch.numel(), batch.shape[0]
+    return 0, 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of ``device``: the accelerator's allocator peak, or the process's peak RSS on CPU."""
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "max_memory_allocated"):
+            return int(module.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB

@@ -1,0 +1,306 @@
+"""`PaCAFineTuneModule`: a LightningModule that fine-tunes a causal LM with PaCA.
+
+::
+
+    module = PaCAFineTuneModule("meta-llama/Llama-3.1-8B", paca=PaCAConfig(rank=16), learning_rate=2e-4)
+    Trainer(precision="bf16-mixed", max_steps=1000).fit(module, datamodule)
+
+Batches are dicts with ``input_ids``, ``labels`` (aligned with the inputs, -100 = not scored)
+and optionally ``attention_mask`` and ``position_ids``. The model is built (from a name/path) and
+adapted in ``configure_model``, i.e. on the right device and before any strategy wraps or shards
+it; the module adds a `PaCACallback` with the same config unless the Trainer already has one, so
+the callback's checkpointing, logging and exports apply to this module too.
+
+Weight decay: AdamW's decay pulls weights toward zero; for PaCA columns, which start at the
+pretrained values, that would erase pretrained knowledge, so ``weight_decay`` here pulls the
+trained columns toward their *pretrained* values instead (decoupled, ``P -= lr * wd * (P - P0)``
+before each optimizer step). It is off by default (``weight_decay=0``), as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .callback import PaCACallback, adapt_for_training
+from .config import PaCAConfig
+from .loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
+from .model import paca_layers, set_paca_auto_sync
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+# Config attributes of models whose logits are not a plain linear head; the chunked loss computes
+# exactly ``hidden @ W^T + b`` and would silently train a different objective on them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class PaCAFineTuneModule(LightningModule):
+    """Fine-tune a Hugging Face causal LM with PaCA.
+
+    Args:
+        model: a transformers model name or local path (loaded with
+            ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``), or an ``nn.Module``
+            returning ``.logits`` (and exposing ``base_model``/``get_output_embeddings`` for the
+            chunked loss).
+        paca: the PaCA adapter; ``None`` means ``PaCAConfig()``.
+        learning_rate: AdamW peak learning rate, reached after ``warmup_steps``.
+        weight_decay: decoupled decay of the trained columns toward their pretrained values (see
+            the module docs); trained biases (``bias="all"``) are not decayed.
+        betas, eps: AdamW's.
+        warmup_steps: optimizer steps of linear warm-up from 0 to ``learning_rate``.
+        min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * learning_rate`` at the last
+            step of the run (``trainer.estimated_stepping_batches``).
+        dtype: dtype the named model is loaded in (``None``: float32). Mixed precision is the
+            Trainer's ``precision``; a bfloat16 base halves weight memory for large models.
+        tokenizer: tokenizer name or path; by default the model's name when ``model`` is a
+            string. Needed by `generate` and saved with the merged model.
+        gradient_checkpointing: recompute each decoder layer in backward (transformers'
+            non-reentrant checkpointing); PaCA's recompute sees the current columns.
+        compile: ``torch.compile`` the model in place after PaCA is applied. Forward-time column
+            syncing is then switched off (it would recompile every step) and the callback writes
+            the columns after each optimizer step.
+        chunked_loss: compute the loss from the hidden states with `chunked_causal_lm_loss`,
+            never materializing the (tokens x vocab) float32 logits.
+        loss_chunk_size: tokens per chunk of the chunked loss.
+    """
+
+    def __init__(self, model: Union[str, nn.Module], paca: Optional[PaCAConfig] = None,
+                 learning_rate: float = 2e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.0, dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+                 tokenizer: Optional[str] = None, gradient_checkpointing: bool = False, compile: bool = False,
+                 chunked_loss: bool = False, loss_chunk_size: int = 1024) -> None:
+        super().__init__()
+        if isinstance(paca, Mapping):  # hyperparameters restored from a checkpoint hold a dict
+            paca = PaCAConfig.from_dict(dict(paca))
+        paca = PaCAConfig() if paca is None else paca
+        if not isinstance(paca, PaCAConfig):
+            raise TypeError(f"PaCAFineTuneModule(paca=...) must be a PaCAConfig, got {type(paca).__name__}")
+        adapted_module = isinstance(model, nn.Module) and next(paca_layers(model), None) is not None
+        if paca.selection == "gradient" and not adapted_module:
+            raise ValueError("PaCAFineTuneModule does not run selection='gradient' (it needs a calibration "
+                             "batch before training); adapt the model with apply_paca(model, config, "
+                             "calibration=batch) first and pass it as model=, or use 'random'/'weight_norm'")
+        if not isinstance(model, (str, nn.Module)):
+            raise TypeError(f"model must be a model name/path or an nn.Module, got {type(model).__name__}")
+        _check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
+        _check_number("weight_decay", weight_decay, minimum=0.0)
+        _check_number("eps", eps, minimum=0.0, inclusive=False)
+        _check_number("min_lr_ratio", min_lr_ratio, minimum=0.0, maximum=1.0)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size must be a positive int, got {loss_chunk_size!r}")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r} is not valid; choose 'float32', 'bfloat16', 'float16' or None")
+
+        self.model_name = model if isinstance(model, str) else None
+        self.model: Optional[nn.Module] = None if isinstance(model, str) else model
+        self.paca = paca
+        self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, float(min_lr_ratio)
+        self.dtype_name = dtype
+        self.tokenizer_name = tokenizer if tokenizer is not None else self.model_name
+        self._tokenizer: Any = None
+        self.gradient_checkpointing, self.compile_model = gradient_checkpointing, compile
+        self.chunked_loss, self.loss_chunk_size = chunked_loss, loss_chunk_size
+        self.val_loss = MeanMetric()
+        # An nn.Module is not a hyperparameter: load_from_checkpoint(path, model=...) takes it again.
+        hparams = {"model": self.model_name} if self.model_name else {}
+        hparams.update({"paca": paca.to_dict(), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
+                   "betas": self.betas, "eps": self.eps, "warmup_steps": warmup_steps,
+                   "min_lr_ratio": self.min_lr_ratio, "dtype": dtype, "tokenizer": self.tokenizer_name,
+                   "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+                   "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size})
+        self.save_hyperparameters(hparams)
+
+    # ------------------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Build the model (when named), apply PaCA, then checkpointing and compilation.
+
+        Runs under the strategy's init contexts and before it wraps the model; repeated calls
+        (``fit`` then ``validate``) leave an adapted model as it is.
+        """
+        if self.model is None:
+            self.model = self._load_pretrained()
+        already_adapted = next(paca_layers(self.model), None) is not None
+        adapt_for_training(self.model, self.paca)
+        if already_adapted:
+            return
+        if self.gradient_checkpointing:
+            if not hasattr(self.model, "gradient_checkpointing_enable"):
+                raise TypeError(f"gradient_checkpointing=True needs a transformers model; "
+                                f"{type(self.model).__name__} has no gradient_checkpointing_enable")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(getattr(self.model, "config", None), "use_cache"):
+            self.model.config.use_cache = False  # a KV cache is useless in training and costs memory
+        if self.compile_model:
+            set_paca_auto_sync(self.model, False)
+            self.model.compile()
+
+    def _load_pretrained(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.dtype_name) if self.dtype_name else torch.float32
+        try:
+            return AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
+        except OSError as error:
+            raise OSError(f"PaCAFineTuneModule could not load model {self.model_name!r}: {error}") from error
+
+    def configure_callbacks(self) -> list:
+        if any(isinstance(callback, PaCACallback) for callback in self.trainer.callbacks):
+            return []
+        return [PaCACallback(self.paca)]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded on first use from ``tokenizer``/the model name), or ``None``."""
+        if self._tokenizer is None and self.tokenizer_name is not None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    # ------------------------------------------------------------------------------- loss
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self._require_model()(**inputs)
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(f"the model {self.model_name!r} is built in configure_model; run it through "
+                               "a Trainer or call module.configure_model() first")
+        return self.model
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss of ``batch`` over its scored tokens (labels != -100)."""
+        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"PaCAFineTuneModule expects batches as dicts with 'input_ids' and 'labels' "
+                             f"(and optionally 'attention_mask', 'position_ids'); got {keys}")
+        model = self._require_model()
+        inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
+        if not self.chunked_loss:
+            return causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+        head = self._output_head(model)
+        hidden_states = model.base_model(**inputs, use_cache=False).last_hidden_state
+        return chunked_causal_lm_loss(hidden_states, head.weight, batch["labels"], lm_head_bias=head.bias,
+                                      chunk_size=self.loss_chunk_size)
+
+    @staticmethod
+    def _output_head(model: nn.Module) -> nn.Module:
+        config = getattr(model, "config", None)
+        for name in _LOGIT_TRANSFORMS:
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"chunked_loss=True computes plain linear-head logits, but "
+                                 f"{type(model).__name__} transforms them ({name}="
+                                 f"{getattr(config, name)}); use chunked_loss=False")
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if not isinstance(head, nn.Linear) or not hasattr(model, "base_model"):
+            raise TypeError(f"chunked_loss=True needs a transformers causal LM with a Linear output head "
+                            f"and a base_model; {type(model).__name__} has head {type(head).__name__}")
+        return head
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        scored = (shift_labels(batch["labels"]) != -100).sum()
+        if scored > 0:  # weight by scored tokens: the epoch value is the per-token mean
+            self.val_loss.update(loss, weight=scored)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+
+    # -------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        parameters = [param for param in self._require_model().parameters() if param.requires_grad]
+        if not parameters:
+            raise RuntimeError("the model has no trainable parameters; PaCA was not applied (configure_model)")
+        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, betas=self.betas, eps=self.eps,
+                                      weight_decay=0.0)
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the cosine schedule needs a finite run: set Trainer(max_steps=...) or max_epochs")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine_factor(step, self.warmup_steps, int(total_steps), self.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.weight_decay == 0.0:
+            return
+        learning_rate = optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            for _, layer in paca_layers(self._require_model()):
+                pretrained = layer.paca_base_columns.to(layer.paca_weight.dtype) / layer.scaling
+                layer.paca_weight.sub_(layer.paca_weight - pretrained, alpha=learning_rate * self.weight_decay)
+
+    # ------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool = False,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> str:
+        """A quick sample: the model's continuation of ``prompt`` (without the prompt).
+
+        ``chat=True`` wraps the prompt as one user turn with the tokenizer's chat template.
+        Greedy by default, so the result is reproducible.
+        """
+        model, tokenizer = self._require_model(), self.tokenizer
+        if tokenizer is None:
+            raise ValueError("generate needs a tokenizer: pass PaCAFineTuneModule(tokenizer=...) or set "
+                             "module.tokenizer")
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            encoded = tokenizer(prompt, return_tensors="pt")
+        encoded = {key: value.to(self.device) for key, value in encoded.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+        finally:
+            model.train(was_training)
+        return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to ``min_ratio`` at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _check_number(name: str, value: Any, *, minimum: float, maximum: Optional[float] = None,
+                  inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"PaCAFineTuneModule({name}=...) must be a finite number, got {value!r}")
+    below = value < minimum if inclusive else value <= minimum
+    if below or (maximum is not None and value > maximum):
+        bound = f"{'>=' if inclusive else '>'} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise ValueError(f"PaCAFineTuneModule({name}={value}) is out of range; it must be {bound}")
