@@ -321,17 +321,22 @@ class QuantizedPaCALinear(PaCALinear):
         self.delta_form = False
         self._base_module = (base,)
 
+    @property
+    def quantized_base(self) -> nn.Module:
+        """The wrapped bitsandbytes layer (not a registered submodule: its Parameters are ours)."""
+        return self._base_module[0]
+
     def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
         """Autocast's dtype when active, else the 4-bit layer's ``compute_dtype``, else x's dtype."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        if self.kind == "4bit" and getattr(self._base_module[0], "compute_dtype", None) is not None:
-            return self._base_module[0].compute_dtype
+        if self.kind == "4bit" and getattr(self.quantized_base, "compute_dtype", None) is not None:
+            return self.quantized_base.compute_dtype
         return x.dtype
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The pretrained (out x in) weight in ``dtype``, without the trained columns."""
-        return dequantize_weight(self._base_module[0], dtype)
+        return dequantize_weight(self.quantized_base, dtype)
 
     def effective_weight(self, paca_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized base with ``(s * paca_weight).to(dtype)`` in columns ``paca_indices``."""
@@ -376,7 +381,7 @@ class QuantizedPaCALinear(PaCALinear):
                 dense weight. Lossy: the trained columns are rounded to the quantization grid
                 like every other value.
         """
-        base = self._base_module[0]
+        base = self.quantized_base
         dtype = dtype or self.merge_dtype
         with torch.no_grad():
             weight = self.effective_weight(self.paca_weight, dtype)
@@ -411,10 +416,10 @@ class QuantizedPaCALinear(PaCALinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # bitsandbytes adds the quantization state (block scales, quant map, ...) next to the weight.
-        self._base_module[0]._save_to_state_dict(destination, prefix, keep_vars)
+        self.quantized_base._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
-        return (f"{quantization_of(self._base_module[0])}(in_features={self.in_features}, "
+        return (f"{quantization_of(self.quantized_base)}(in_features={self.in_features}, "
                 f"out_features={self.out_features}, bias={self.bias is not None}), rank={self.rank}, "
                 f"scaling={self.scaling:g}")
 
