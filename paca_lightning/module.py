@@ -136,10 +136,7 @@ class PaCAFineTuneModule(LightningModule):
         if already_adapted:
             return
         if self.gradient_checkpointing:
-            if not hasattr(self.model, "gradient_checkpointing_enable"):
-                raise TypeError(f"gradient_checkpointing=True needs a transformers model; "
-                                f"{type(self.model).__name__} has no gradient_checkpointing_enable")
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(self.model)
         if hasattr(getattr(self.model, "config", None), "use_cache"):
             self.model.config.use_cache = False  # a KV cache is useless in training and costs memory
         if self.compile_model:
@@ -285,6 +282,18 @@ class PaCAFineTuneModule(LightningModule):
         finally:
             model.train(was_training)
         return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' non-reentrant checkpointing (reentrant would need inputs that require grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} "
+                        "has neither activation_checkpointing_enable nor gradient_checkpointing_enable")
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
