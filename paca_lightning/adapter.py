@@ -63,6 +63,11 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` to ``directory``; each file appears atomically."""
     tensors, description = adapter_state(model)
+    return write_adapter(tensors, description, directory)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], description: dict[str, Any], directory: PathLike) -> Path:
+    """Write tensors and description from `adapter_state` (or a sharded run's gathered copy)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path),

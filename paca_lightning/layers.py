@@ -37,6 +37,11 @@ try:  # transformers is a dependency, but the math here must not need it.
 except ImportError:  # pragma: no cover
     Conv1D = None
 
+try:  # FSDP2 (fully_shard) shards parameters as DTensors; see paca_lightning.distributed.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover (torch built without distributed support)
+    DTensor = ()
+
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool):
     return F.linear(x, weight.t() if transposed else weight, bias)
@@ -131,7 +136,8 @@ class PaCALinear(nn.Module):
         self.bias = base.bias
         self.weight.requires_grad_(False)
         self.register_buffer("paca_indices", indices)
-        self.register_buffer("paca_base_columns", self._read_columns().clone())
+        # contiguous: a Conv1D's columns are a transposed view, and FSDP2 shards contiguous tensors only
+        self.register_buffer("paca_base_columns", self._read_columns().clone(memory_format=torch.contiguous_format))
         dtype = paca_dtype or self.weight.dtype
         self.paca_weight = nn.Parameter(self.paca_base_columns.to(dtype) / self.scaling)
         self.paca_enabled = True
@@ -140,6 +146,11 @@ class PaCALinear(nn.Module):
         # copies) or must not branch on Python state (torch.compile would recompile every step);
         # then whoever updates paca_weight (optimizer step, load) calls sync_columns_() after.
         self.auto_sync = True
+        # With delta_form, forward never relies on the weight's columns: it computes
+        # x @ W^T + x_S @ ((s*P).to(W.dtype) - W[:, S])^T, exact whatever W holds. For wrappers
+        # whose shards cannot take a column write (FSDP1 flat parameters), at the cost of one
+        # thin matmul; set by paca_lightning.distributed.use_delta_form.
+        self.delta_form = False
         # The original module, unregistered: `merged_module`/`base_module` hand it back.
         self._base_module = (base,)
         self._synced = None
@@ -157,6 +168,10 @@ class PaCALinear(nn.Module):
 
     @torch.no_grad()
     def _write_columns(self, columns: torch.Tensor) -> None:
+        if isinstance(self.weight, DTensor):
+            from .distributed import write_local_columns
+            write_local_columns(self, columns)
+            return
         columns = columns.to(self.weight.dtype)
         if self.transposed:
             self.weight.index_copy_(0, self.paca_indices, columns.t())
@@ -167,6 +182,8 @@ class PaCALinear(nn.Module):
         # Version counters change on every in-place update (optimizer steps, load_state_dict);
         # data pointers change when a tensor is replaced (load_state_dict(assign=True), .to()).
         p, w = self.paca_weight, self.weight
+        if isinstance(w, DTensor):  # a DTensor has no storage of its own: track its local shard
+            p, w = p.to_local(), w.to_local()
         return (p._version, w._version, p.data_ptr(), w.data_ptr())
 
     @torch.no_grad()
@@ -176,13 +193,18 @@ class PaCALinear(nn.Module):
         self._synced = self._state_key()
 
     def columns_are_synced(self) -> bool:
-        return self._synced == self._state_key()
+        # The delta form never reads trained columns from the weight: nothing to sync.
+        return self.delta_form or self._synced == self._state_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
             return _linear(x, self.weight, self.bias, self.transposed)
         if self.auto_sync and self._synced != self._state_key():
             self.sync_columns_()
+        if self.delta_form:
+            delta = (self.paca_weight * self.scaling).to(self.weight.dtype) - self._read_columns()
+            return (_linear(x, self.weight, self.bias, self.transposed)
+                    + F.linear(x.index_select(-1, self.paca_indices), delta))
         if torch.is_grad_enabled() and self.paca_weight.requires_grad:
             return PaCAFunction.apply(x, self.weight, self.bias, self.paca_weight, self.paca_indices,
                                       self.scaling, self.transposed)

@@ -244,7 +244,7 @@ def disable_paca(model: nn.Module) -> Iterator[nn.Module]:
 def sync_paca_columns(model: nn.Module) -> None:
     """Write every layer's trained columns into its weight now (see `PaCALinear.auto_sync`)."""
     for _, layer in paca_layers(model):
-        if layer.paca_enabled:
+        if layer.paca_enabled and not layer.delta_form:  # the delta form needs no written columns
             layer.sync_columns_()
 
 

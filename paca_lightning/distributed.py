@@ -1,0 +1,336 @@
+"""PaCA under data parallelism and sharding: FSDP2 (``fully_shard``), FSDP1, DDP, several nodes.
+
+PaCA trains columns that live *inside* a frozen weight, so every engine that shards or copies
+weights has to be told how the invariant ``W[:, S] == (s * P).to(W.dtype)`` survives it:
+
+- **FSDP2** (`shard_paca_model`, Lightning's ``ModelParallelStrategy``). ``fully_shard`` turns
+  ``W`` and ``P`` into DTensors. A Linear's ``W`` (out x in) and its ``P`` (out x r) are both
+  sharded on dim 0, the output rows, and dim 0 has the same length in both, so rank ``k`` holds
+  the same rows of each::
+
+        rank 0:  W[0:o/2, :]   P[0:o/2, :]      W_local[:, S] = s * P_local   (no communication)
+        rank 1:  W[o/2:, :]    P[o/2:, :]
+
+  Forward runs on transient unsharded copies (a write there is lost on reshard), so forward-time
+  syncing is switched off and the columns are written into the *local shards* right after each
+  optimizer step (`attach_column_sync`). GPT-2 ``Conv1D`` stores ``W`` transposed (in x out); its
+  dim 0 is the input, which would not line up with ``P``'s rows, so the policy shards those
+  weights on dim 1 (``shard_placement_fn``) and the rows line up again.
+  Gradients and optimizer state exist only for ``P`` (FSDP2 reduces and stores per parameter), so
+  their memory per rank is ``trainable / world_size``, whatever the unit's frozen size.
+- **FSDP1** (`PaCAFSDPStrategy`, ``use_orig_params=True``). A FlatParameter's local shard is a
+  contiguous slice of the flattened units, not rows, so no local write can keep the invariant.
+  Layers switch to the delta form (`use_delta_form`): ``W`` is never written and forward adds
+  ``x_S @ ((s*P).to(W.dtype) - W[:, S])^T``, exact under any wrapper for one thin matmul.
+- **DDP**: every rank holds whole weights; the default forward-time sync is already exact.
+
+Adapter saves gather every rank's shard (`save_sharded_adapter`); merged exports gather the full
+state dict and write it from rank 0 (`export_merged`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .adapter import adapter_state, write_adapter
+from .layers import PaCALinear
+from .model import paca_layers, set_paca_auto_sync, sync_paca_columns
+
+# Names wrappers insert into module paths; adapters and exports use the model's own names.
+_WRAPPER_NAME_PARTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+
+
+def write_local_columns(layer: PaCALinear, columns: torch.Tensor) -> None:
+    """Write ``columns`` (out x r) into the local shard of a DTensor weight, with no communication.
+
+    ``columns`` is either a DTensor sharded like ``layer.paca_weight`` (the trained columns) or a
+    full tensor (``paca_base_columns``, which FSDP2 keeps whole on every rank as a buffer). The
+    write is exact only when the weight's output dimension is sharded exactly like
+    ``paca_weight``'s rows; any other layout raises, naming the layer and its placements.
+    """
+    weight, paca = layer.weight, layer.paca_weight
+    output_dim = 1 if layer.transposed else 0
+    if not isinstance(paca, DTensor) or paca.device_mesh != weight.device_mesh:
+        raise RuntimeError(f"PaCA layer ({layer.extra_repr()}): the weight is a DTensor but paca_weight "
+                           "is not sharded on the same device mesh; shard the whole PaCALinear with one "
+                           "fully_shard call (see paca_lightning.distributed.shard_paca_model)")
+    expected = tuple(Shard(output_dim) if p == Shard(0) else p for p in paca.placements)
+    if tuple(weight.placements) != expected or any(
+            not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0)
+            for p in paca.placements):
+        layout = "Conv1D (weight stored in x out)" if layer.transposed else "Linear"
+        raise RuntimeError(
+            f"PaCA cannot keep its trained columns exact without communication for this {layout} "
+            f"layer ({layer.extra_repr()}): weight placements {tuple(weight.placements)}, paca_weight "
+            f"placements {tuple(paca.placements)}. The weight's output dimension (dim {output_dim}) must "
+            f"be sharded like paca_weight's rows (dim 0), i.e. weight placements {expected}. Use "
+            "paca_lightning.distributed.shard_paca_model, or pass paca_shard_placement as "
+            "fully_shard(shard_placement_fn=...)")
+    if isinstance(columns, DTensor):
+        local_columns = columns.to_local()
+    else:  # a full (out x r) tensor: take this rank's rows, located like paca_weight's shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        shape, offset = compute_local_shape_and_global_offset(paca.shape, paca.device_mesh, paca.placements)
+        local_columns = columns[offset[0]:offset[0] + shape[0]]
+    local_weight = weight.to_local()
+    local_columns = local_columns.to(device=local_weight.device, dtype=local_weight.dtype)
+    if layer.transposed:
+        local_weight.index_copy_(0, layer.paca_indices.to(local_weight.device), local_columns.t())
+    else:
+        local_weight.index_copy_(1, layer.paca_indices.to(local_weight.device), local_columns)
+
+
+def paca_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Optional[Shard]]:
+    """A ``fully_shard(shard_placement_fn=...)`` that shards each Conv1D PaCA weight on dim 1.
+
+    Every other parameter keeps FSDP2's default (dim 0), which is already the output dimension of
+    Linear weights and of every ``paca_weight``.
+    """
+    transposed_weights = {id(layer.weight) for _, layer in paca_layers(model) if layer.transposed}
+
+    def placement(param: nn.Parameter) -> Optional[Shard]:
+        return Shard(1) if id(param) in transposed_weights else None
+
+    return placement
+
+
+def decoder_layers(model: nn.Module, layer_classes: Optional[Iterable[Union[type, str]]] = None) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: ``layer_classes``, or the classes a transformers
+    model names in ``_no_split_modules`` (its decoder layer, e.g. ``LlamaDecoderLayer``)."""
+    if layer_classes is None:
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        if not names:
+            raise ValueError(f"{type(model).__name__} does not name its decoder layer class "
+                             "(_no_split_modules is empty); pass layer_classes=[YourBlockClass]")
+    else:
+        names = {c if isinstance(c, str) else c.__name__ for c in layer_classes}
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"no module of {type(model).__name__} is of class {sorted(names)}; "
+                         "pass layer_classes naming its repeated block")
+    return blocks
+
+
+def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard_after_forward: bool = True,
+                     mp_policy=None, cpu_offload: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+    """FSDP2 for a PaCA model: ``fully_shard`` each decoder layer, then the root.
+
+    Call it from ``LightningModule.configure_model`` under ``ModelParallelStrategy`` (with
+    ``self.device_mesh["data_parallel"]``) or in a plain ``torch.distributed`` script, then call
+    `attach_column_sync` on the optimizer. Frozen and trainable parameters may share a unit:
+    FSDP2 reduces and stores gradients per parameter, so only ``paca_weight`` gets them.
+
+    Args:
+        mesh: a 1-D device mesh (or a 2-D one for HSDP); ``None`` = all ranks.
+        layer_classes: the blocks to shard individually; default: the model's decoder layer.
+        reshard_after_forward: free gathered weights after forward (ZeRO-3) or keep them until
+            backward (ZeRO-2: more memory, fewer all-gathers).
+        mp_policy: a ``MixedPrecisionPolicy``, e.g. bf16 compute with fp32 gradient reduction.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
+        activation_checkpointing: recompute each decoder layer in backward; parameter names
+            are unchanged (composable ``checkpoint``), so checkpoints and adapters stay portable.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if next(paca_layers(model), None) is None:
+        raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
+    blocks = decoder_layers(model, layer_classes)
+    set_paca_auto_sync(model, False)
+    kwargs: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
+                                  shard_placement_fn=paca_shard_placement(model),
+                                  mp_policy=mp_policy or MixedPrecisionPolicy(),
+                                  offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+        for block in blocks:
+            checkpoint(block)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    sync_paca_columns(model)
+    return model
+
+
+def attach_column_sync(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Write the trained columns into the (local shards of the) weights after every step of
+    ``optimizer``; returns the hook handle. Needed wherever forward-time syncing is off (FSDP2)."""
+    return optimizer.register_step_post_hook(lambda *_: sync_paca_columns(model))
+
+
+def use_delta_form(model: nn.Module) -> nn.Module:
+    """Switch every PaCA layer to the delta form before FSDP1 wraps the model (see module doc).
+
+    The weights stay as they are (whatever columns they hold, the delta form is exact) and are
+    never written again during training, so FlatParameter shards need no column writes.
+    """
+    layers = list(paca_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before wrapping")
+    for _, layer in layers:
+        layer.auto_sync = False
+        layer.delta_form = True
+    return model
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name without the parts wrappers insert (FSDP1, DDP, checkpointing)."""
+    return _WRAPPER_NAME_PARTS.sub("", name)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The user's model under DDP/FSDP1 root wrappers (FSDP2 wraps in place: same object)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    while isinstance(model, (FullyShardedDataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def _fsdp1_root(model: nn.Module, root: Optional[nn.Module]) -> Optional[nn.Module]:
+    """``root`` if given, else ``model`` itself when it is an FSDP1 wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return root if root is not None or not isinstance(model, FullyShardedDataParallel) else model
+
+
+def _full_tensors(model: nn.Module, root: Optional[nn.Module], keep: Callable[[str], bool],
+                  rank0_only: bool) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of ``model``'s parameters and buffers whose cleaned name passes ``keep``.
+
+    A collective. FSDP2 DTensors are all-gathered one at a time; FSDP1 units are unsharded with
+    ``summon_full_params`` on ``root`` (the outermost FSDP1 wrapper, which owns the parameters
+    outside the wrapped blocks). With ``rank0_only`` only rank 0 keeps the copies.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def named():
+        return [(clean_name(n), t) for n, t in (*model.named_parameters(remove_duplicate=False),
+                                                 *model.named_buffers(remove_duplicate=False))]
+
+    fsdp1_root = root if root is not None else model
+    keeper = not rank0_only or _rank() == 0
+    if any(isinstance(m, FullyShardedDataParallel) for m in fsdp1_root.modules()):
+        on_accelerator = any(p.device.type != "cpu" for p in fsdp1_root.parameters())
+        # offload_to_cpu only off-CPU: on CPU it is useless, and under gloo it crashes.
+        with FullyShardedDataParallel.summon_full_params(fsdp1_root, writeback=False, rank0_only=rank0_only,
+                                                         offload_to_cpu=on_accelerator and rank0_only):
+            return {n: t.detach().cpu().clone() for n, t in named() if keep(n)} if keeper else {}
+    tensors = {}
+    for name, tensor in named():
+        if keep(name):
+            full = _full(tensor).detach()
+            if keeper:
+                tensors[name] = full.cpu().clone()
+    return tensors
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_adapter_state(model: nn.Module, root: Optional[nn.Module] = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter (as `paca_lightning.adapter.adapter_state`) with every rank's shard gathered.
+
+    A collective: every rank must call it, and every rank gets the full tensors (small: the
+    trainable columns only). Works for FSDP2, FSDP1 (``use_orig_params=True``), DDP and plain
+    models; names are the model's own, without wrapper prefixes.
+
+    Args:
+        model: the PaCA model (or a DDP/FSDP1 wrapper of it).
+        root: the outermost FSDP1 wrapper when ``model`` sits inside it (under Lightning's FSDP
+            strategy: ``trainer.strategy.model``); ignored otherwise.
+    """
+    inner, root = _inner_model(model), _fsdp1_root(model, root)
+    _, description = adapter_state(inner)
+    description["modules"] = {clean_name(name): meta for name, meta in description["modules"].items()}
+    description["extra_parameters"] = [clean_name(name) for name in description["extra_parameters"]]
+    wanted = {f"{m}.{part}" for m in description["modules"] for part in ("paca_weight", "paca_indices")}
+    wanted |= set(description["extra_parameters"])
+    tensors = _full_tensors(inner, root, lambda name: name in wanted, rank0_only=False)
+    for name in tensors:
+        if name.endswith(".paca_indices"):
+            tensors[name] = tensors[name].to(torch.int32)
+    return tensors, description
+
+
+def save_sharded_adapter(model: nn.Module, directory: Union[str, Path], root: Optional[nn.Module] = None) -> Path:
+    """`save_adapter` for a sharded or replicated model: gathers every rank's shard, rank 0 writes.
+
+    A collective: every rank must call it (a rank-0-only call would hang, or, with a plain
+    ``state_dict()``, save rank 0's rows only). ``root`` as in `gather_adapter_state`.
+    """
+    tensors, description = gather_adapter_state(model, root)
+    if _rank() == 0:
+        write_adapter(tensors, description, directory)
+    _barrier()
+    return Path(directory)
+
+
+def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """The merged model's full state dict on rank 0 (an empty dict elsewhere): the trained
+    columns written into the weights from ``paca_weight``, PaCA's tensors dropped, wrapper
+    prefixes removed. A collective; ``root`` as in `gather_adapter_state`."""
+    inner, root = _inner_model(model), _fsdp1_root(model, root)
+    layers = {clean_name(name): layer for name, layer in paca_layers(inner)}
+    state = _full_tensors(inner, root, lambda name: True, rank0_only=True)
+    if _rank() != 0:
+        return {}
+    for name, layer in layers.items():
+        prefix = f"{name}." if name else ""
+        weight = state[prefix + "weight"]
+        indices = state.pop(prefix + "paca_indices")
+        columns = (state.pop(prefix + "paca_weight") * layer.scaling).to(weight.dtype)
+        state.pop(prefix + "paca_base_columns")
+        if layer.transposed:
+            weight.index_copy_(0, indices, columns.t())
+        else:
+            weight.index_copy_(1, indices, columns)
+    return state
+
+
+def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Optional[nn.Module] = None,
+                  tokenizer: Any = None) -> Path:
+    """Write the merged model of a sharded run from rank 0 with ``save_pretrained``.
+
+    A collective: every rank calls it. Rank 0 builds an empty (meta) model of the original
+    transformers class from the model's ``config``, assigns the merged weights to it (no copy)
+    and saves it with ``tokenizer``: loading the result needs no paca_lightning.
+    """
+    inner = _inner_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(inner, "save_pretrained"):
+        raise TypeError(f"{type(inner).__name__} is not a transformers model; export_merged writes "
+                        "save_pretrained folders. Use merged_state_dict(model) and save it yourself")
+    state = merged_state_dict(model, root)
+    if _rank() == 0:
+        # fully_shard swaps the class for an "FSDP<Name>" subclass; build the user's class.
+        model_class = next(c for c in type(inner).__mro__ if "FSDP" not in c.__name__)
+        with torch.device("meta"):
+            plain = model_class._from_config(config)
+        plain.load_state_dict(state, strict=True, assign=True)
+        plain.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+    _barrier()
+    return Path(directory)
+
+
+__all__ = ["shard_paca_model", "attach_column_sync", "use_delta_form", "write_local_columns",
+           "paca_shard_placement", "decoder_layers", "gather_adapter_state", "save_sharded_adapter",
+           "merged_state_dict", "export_merged", "clean_name"]

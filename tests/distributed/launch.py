@@ -1,0 +1,37 @@
+"""Run a worker script in 2 gloo processes with torchrun, once per pytest session.
+
+Each launch costs seconds of interpreter and import start-up on 2 cores, so one worker checks
+many properties and its JSON findings are shared by every test that needs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROCESSES = 2
+
+
+def run_torchrun(script: str, out_dir: Path, *args: str, timeout: float = 300) -> None:
+    """Run ``tests/distributed/<script>`` under torchrun; raise with its output when it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={PROCESSES}",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", str(HERE / script), str(out_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{script} failed (exit {result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-8000:]}")
+
+
+@functools.lru_cache(maxsize=None)
+def results(script: str) -> dict:
+    """The findings ``script`` writes to ``<out_dir>/results.json`` (rank 0), run once."""
+    out_dir = Path(tempfile.mkdtemp(prefix=f"paca_{Path(script).stem}_"))
+    run_torchrun(script, out_dir)
+    return json.loads((out_dir / "results.json").read_text())

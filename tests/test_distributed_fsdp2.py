@@ -1,0 +1,46 @@
+"""FSDP2 (``fully_shard``) with PaCA: 2 gloo processes on CPU against a single process.
+
+The worker (tests/distributed/plain_torch_worker.py) trains each configuration 3 AdamW steps
+on the same global batches a single process sees whole, then gathers the trained columns and
+the merged weights; the shared launch also serves the FSDP1 and DDP tests.
+"""
+
+from distributed.launch import results
+
+# fp32, 3 AdamW steps at lr 2e-2: sharded reductions reorder sums, nothing more.
+TOLERANCE = 2e-5
+PLAIN = "plain_torch_worker.py"
+
+
+def test_fsdp2_trained_columns_and_merged_weights_match_single_process_with_activation_checkpointing():
+    assert results(PLAIN)["world_size"] == 2
+    assert results(PLAIN)["fsdp2_llama_error"] < TOLERANCE
+
+
+def test_fsdp2_conv1d_weights_sharded_on_their_output_dim_stay_exact():
+    assert results(PLAIN)["fsdp2_gpt2_error"] < TOLERANCE
+
+
+def test_fsdp2_without_column_sync_after_the_step_fails_the_check():
+    found = results(PLAIN)
+    assert found["fsdp2_llama_control_error"] > 100 * TOLERANCE
+    assert found["fsdp2_gpt2_control_error"] > 100 * TOLERANCE
+
+
+def test_fsdp2_conv1d_default_placement_is_refused_with_the_fix_named():
+    message = results(PLAIN)["fsdp2_conv1d_default_placement_error"]
+    assert message is not None and "Conv1D" in message and "shard_paca_model" in message
+
+
+def test_fsdp2_adapter_save_gathers_every_ranks_rows():
+    # a fresh base loading the saved adapter equals the single-process model
+    assert results(PLAIN)["fsdp2_adapter_file_error"] < TOLERANCE
+
+
+def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_world_size():
+    memory = results(PLAIN)["fsdp2_memory"]
+    world = results(PLAIN)["world_size"]
+    share = memory["trainable_param_bytes_global"] // world
+    assert memory["grad_bytes"] == share
+    assert memory["optimizer_state_bytes"] == 2 * share  # AdamW: exp_avg and exp_avg_sq
+    assert memory["param_bytes_local"] * world == memory["param_bytes_global"]
