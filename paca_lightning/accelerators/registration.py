@@ -1,0 +1,132 @@
+"""Make ``Trainer(accelerator="hpu", devices=N)`` work on Lightning 2.6, with no extra argument.
+
+Two things are needed; `register_hpu` does both, once per process:
+
+1. **Names.** ``"hpu"`` goes into Lightning's ``AcceleratorRegistry`` (so the ``Trainer`` accepts
+   the string) and ``"hpu_single"``, ``"hpu_ddp"``, ``"hpu_fsdp"`` into its ``StrategyRegistry``.
+2. **Choices.** Lightning's ``_AcceleratorConnector`` turns the ``Trainer``'s accelerator,
+   strategy and precision flags into objects. In 2.6 it still raises "HPU is currently not
+   supported" whenever the accelerator is ``"hpu"`` and the strategy ``"auto"``, and it gives
+   ``bf16-mixed`` a CUDA autocast on every accelerator but CPU and MPS. Lightning has no hook
+   for these choices, so four connector methods are wrapped. Each wrapper decides only the HPU
+   case and hands every other case to Lightning's original, unchanged:
+
+   ==============================  =========================================================
+   ``_choose_auto_accelerator``    ``"auto"`` picks ``"hpu"`` when Lightning found no TPU, MPS
+                                   or CUDA device but a Gaudi card is visible
+   ``_choose_strategy``            1 card and 1 node: `SingleHPUStrategy`; else ``"hpu_ddp"``
+   ``_check_strategy_and_fallback``  refuses a non-HPU strategy on HPU (``"ddp"`` would
+                                   all-reduce over gloo, ``"fsdp"`` demands CUDA) and an HPU
+                                   strategy on another accelerator, naming the valid choices
+   ``_check_and_init_precision``   `hpu_precision_plugin` unless a precision plugin was given
+   ==============================  =========================================================
+
+These are private Lightning methods: ``pyproject.toml`` pins ``lightning<2.7`` and
+``tests/test_accelerators_hpu.py`` exercises every wrapper through a real ``Trainer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from .hpu import HPUAccelerator, hpu_precision_plugin
+from .strategies import HPUDDPStrategy, HPUFSDPStrategy, SingleHPUStrategy
+
+HPU_STRATEGIES = (SingleHPUStrategy, HPUDDPStrategy, HPUFSDPStrategy)
+HPU_STRATEGY_NAMES = tuple(strategy.strategy_name for strategy in HPU_STRATEGIES)
+
+_DESCRIPTIONS = {
+    "hpu": "Intel Gaudi HPU (paca_lightning)",
+    "hpu_single": "one Intel Gaudi card (paca_lightning)",
+    "hpu_ddp": "DDP over HCCL on Intel Gaudi cards (paca_lightning)",
+    "hpu_fsdp": "FSDP2 over HCCL on Intel Gaudi cards (paca_lightning)",
+}
+
+
+def register_hpu() -> None:
+    """Register the HPU accelerator and strategies with Lightning and teach its connector to pick them.
+
+    Idempotent. Raises if another package already registered one of these names with its own
+    class: two HPU integrations in one process would otherwise silently shadow each other.
+    """
+    _register(AcceleratorRegistry, "hpu", HPUAccelerator, "accelerator")
+    for strategy in HPU_STRATEGIES:
+        _register(StrategyRegistry, strategy.strategy_name, strategy, "strategy")
+    _extend_connector()
+
+
+def _register(registry: dict, name: str, cls: type, kind: str) -> None:
+    if name in registry:
+        registered = registry[name][kind]
+        if registered is cls:
+            return
+        raise RuntimeError(
+            f"Lightning's {kind} name {name!r} is already registered to {registered.__module__}."
+            f"{registered.__qualname__}; paca_lightning would register {cls.__module__}.{cls.__qualname__}. "
+            "Uninstall one of the two HPU integrations."
+        )
+    registry.register(name, cls, description=_DESCRIPTIONS[name])
+
+
+def _is_hpu_strategy(strategy: Any) -> bool:
+    return isinstance(strategy, HPU_STRATEGIES) or strategy in HPU_STRATEGY_NAMES
+
+
+def _describe(strategy: Any) -> str:
+    return repr(strategy) if isinstance(strategy, str) else type(strategy).__name__
+
+
+def _extend_connector() -> None:
+    connector = _AcceleratorConnector
+    if getattr(connector, "_paca_hpu_support", False):
+        return
+    choose_auto_accelerator = connector._choose_auto_accelerator
+    choose_strategy = connector._choose_strategy
+    check_strategy_and_fallback = connector._check_strategy_and_fallback
+    check_and_init_precision = connector._check_and_init_precision
+
+    def _choose_auto_accelerator_with_hpu() -> str:
+        chosen = choose_auto_accelerator()
+        if chosen == "cpu" and HPUAccelerator.is_available():
+            return "hpu"
+        return chosen
+
+    def _choose_strategy_with_hpu(self: _AcceleratorConnector) -> Strategy | str:
+        if not isinstance(self.accelerator, HPUAccelerator):
+            return choose_strategy(self)
+        if self._num_nodes_flag > 1 or len(self._parallel_devices) > 1:
+            return HPUDDPStrategy.strategy_name
+        return SingleHPUStrategy(device=self._parallel_devices[0])
+
+    def _check_strategy_and_fallback_with_hpu(self: _AcceleratorConnector) -> None:
+        on_hpu = isinstance(self.accelerator, HPUAccelerator)
+        if on_hpu and not _is_hpu_strategy(self._strategy_flag):
+            raise MisconfigurationException(
+                f"strategy={_describe(self._strategy_flag)} does not run on accelerator='hpu'. Use "
+                "'auto' (one card: 'hpu_single', several: 'hpu_ddp'), 'hpu_ddp' (DDP over HCCL) or "
+                "'hpu_fsdp' (FSDP2 over HCCL), or an instance of SingleHPUStrategy, HPUDDPStrategy or "
+                "HPUFSDPStrategy from paca_lightning.accelerators."
+            )
+        if not on_hpu and _is_hpu_strategy(self._strategy_flag):
+            raise MisconfigurationException(
+                f"strategy={_describe(self._strategy_flag)} runs only on Intel Gaudi: pass "
+                f"accelerator='hpu' (got accelerator={type(self.accelerator).__name__})."
+            )
+        check_strategy_and_fallback(self)
+
+    def _check_and_init_precision_with_hpu(self: _AcceleratorConnector) -> Any:
+        if isinstance(self.accelerator, HPUAccelerator) and self._precision_plugin_flag is None:
+            self._validate_precision_choice()
+            return hpu_precision_plugin(self._precision_flag)
+        return check_and_init_precision(self)
+
+    connector._choose_auto_accelerator = staticmethod(_choose_auto_accelerator_with_hpu)
+    connector._choose_strategy = _choose_strategy_with_hpu
+    connector._check_strategy_and_fallback = _check_strategy_and_fallback_with_hpu
+    connector._check_and_init_precision = _check_and_init_precision_with_hpu
+    connector._paca_hpu_support = True
