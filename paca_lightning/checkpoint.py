@@ -5,10 +5,12 @@ finished temporary file into place but never ``fsync``s it: after a power loss o
 panic the renamed file can be empty. `AtomicCheckpointIO` writes the temporary file in the
 target's directory, flushes it to disk, renames it over the target and flushes the directory,
 so ``last.ckpt`` is at every moment either the previous complete checkpoint or the new one.
+A temporary file left by a process killed mid-save is removed by the next save of that file.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -51,3 +53,6 @@ def atomic_torch_save(obj: Any, path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+    # A process killed mid-save leaves its temporary file behind; the next good save removes it.
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        leftover.unlink(missing_ok=True)

@@ -116,7 +116,7 @@ class PaCAFineTuneModule(LightningModule):
         # An nn.Module is not a hyperparameter: load_from_checkpoint(path, model=...) takes it again.
         hparams = {"model": self.model_name} if self.model_name else {}
         hparams.update({"paca": paca.to_dict(), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
-                   "betas": self.betas, "eps": self.eps, "warmup_steps": warmup_steps,
+                   "betas": list(self.betas), "eps": self.eps, "warmup_steps": warmup_steps,
                    "min_lr_ratio": self.min_lr_ratio, "dtype": dtype, "tokenizer": self.tokenizer_name,
                    "gradient_checkpointing": gradient_checkpointing, "compile": compile,
                    "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size})

@@ -1,0 +1,179 @@
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from transformers import AutoModelForCausalLM
+
+from paca_lightning import PaCACallback, PaCAConfig, PaCAFineTuneModule, load_adapter, paca_layers
+from paca_lightning.callback import NonFiniteLossError, adapt_for_training, find_transformers_model
+from paca_lightning.checkpoint import AtomicCheckpointIO
+from tests.conftest import make_tiny_llama
+from tests.lightning_helpers import (assert_columns_in_weights, loader, quiet_trainer, token_examples,
+                                     trained_columns)
+
+CONFIG = PaCAConfig(rank=4, alpha=8)
+
+
+class ThirdPartyModule(LightningModule):
+    """A user's own module: knows nothing about PaCA, builds its model in __init__."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_tiny_llama()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(**batch).loss
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.net(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class BuildsInConfigureModel(ThirdPartyModule):
+    """A user's module that creates its model in configure_model (the FSDP-friendly pattern)."""
+
+    def __init__(self):
+        LightningModule.__init__(self)
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = make_tiny_llama()
+
+
+@pytest.mark.parametrize("module_class", [ThirdPartyModule, BuildsInConfigureModel])
+def test_a_third_party_module_gets_paca_from_the_callback_alone(tmp_path, module_class):
+    module = module_class()
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[PaCACallback(CONFIG)])
+    trainer.fit(module, loader(token_examples(8), 2))
+
+    layers = dict(paca_layers(module.net))
+    assert len(layers) == 14
+    assert all(not param.requires_grad for name, param in module.net.named_parameters()
+               if not name.endswith("paca_weight"))
+    assert any(not torch.equal(layer.paca_weight * layer.scaling, layer.paca_base_columns)
+               for layer in layers.values())
+    assert_columns_in_weights(module.net)
+
+    module.net.eval()
+    batch = token_examples(2, seed=9)[0]
+    expected = module.net(input_ids=batch["input_ids"][None]).logits
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no PaCA
+    assert not any(True for _ in paca_layers(merged))
+    torch.testing.assert_close(merged(input_ids=batch["input_ids"][None]).logits, expected)
+    reloaded = load_adapter(make_tiny_llama(), tmp_path / "paca_adapter").eval()
+    assert torch.equal(reloaded(input_ids=batch["input_ids"][None]).logits, expected)
+
+
+def test_trainer_features_work_together_with_paca(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", save_last=True)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=12, logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
+        enable_checkpointing=True, enable_progress_bar=True, gradient_clip_val=0.5, val_check_interval=2,
+        callbacks=[checkpoint, EarlyStopping(monitor="val/loss", patience=2, mode="min"), PaCACallback(CONFIG)])
+    module = PaCAFineTuneModule(make_tiny_llama(), CONFIG, learning_rate=1e-2)
+    trainer.fit(module, loader(token_examples(32), 2), loader(token_examples(4, seed=7), 2))
+
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "train/tokens_per_s", "train/samples_per_s", "train/peak_memory_gb",
+            "val/loss", "val/perplexity"} <= logged
+    tokens_per_s = [float(row["train/tokens_per_s"]) for row in rows if row["train/tokens_per_s"]]
+    assert all(value > 0 for value in tokens_per_s)
+    hparams = yaml.safe_load(open(tmp_path / "csv" / "version_0" / "hparams.yaml"))
+    assert hparams["paca/trainable_params"] == sum(
+        layer.paca_weight.numel() for _, layer in paca_layers(module.model))
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert checkpoint.best_model_path and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not list((tmp_path / "checkpoints").glob(".*.partial"))
+
+
+def _checkpoint_size(tmp_path, adapter_only):
+    trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True,
+                            callbacks=[PaCACallback(CONFIG, adapter_only_checkpoints=adapter_only,
+                                                    save_merged_on_fit_end=False)])
+    trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
+    path, = (tmp_path / "checkpoints").parent.rglob("*.ckpt")
+    return path.stat().st_size, torch.load(path, weights_only=True)
+
+
+def test_adapter_only_checkpoints_hold_only_trainable_tensors_and_are_much_smaller(tmp_path):
+    adapter_bytes, adapter_checkpoint = _checkpoint_size(tmp_path / "adapter", adapter_only=True)
+    full_bytes, full_checkpoint = _checkpoint_size(tmp_path / "full", adapter_only=False)
+    assert all(key.endswith(".paca_weight") for key in adapter_checkpoint["state_dict"])
+    assert len(adapter_checkpoint["state_dict"]) == 14
+    assert "model.lm_head.weight" in full_checkpoint["state_dict"]
+    print(f"adapter-only checkpoint {adapter_bytes} B, full {full_bytes} B, ratio {adapter_bytes / full_bytes:.3f}")
+    assert adapter_bytes * 3 < full_bytes
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    class DivergesAtStepThree(PaCAFineTuneModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.inf if self.global_step == 3 else loss
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    module = DivergesAtStepThree(make_tiny_llama(), CONFIG, learning_rate=1e-2)
+    trainer = quiet_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint])
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at global step 3.*last good checkpoint is .*last"):
+        trainer.fit(module, loader(token_examples(16), 2))
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    for name, columns in trained_columns(module.model).items():
+        assert torch.isfinite(columns).all()
+        assert torch.equal(last["state_dict"][f"model.{name}.paca_weight"], columns)  # no step on the inf loss
+
+
+def test_resuming_with_different_columns_is_refused(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
+    other = PaCAConfig(rank=4, alpha=8, seed=1)
+    resumed = quiet_trainer(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match="differ from the columns this run selected"):
+        resumed.fit(PaCAFineTuneModule(make_tiny_llama(), other), loader(token_examples(4), 2),
+                    ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_callback_and_module_with_different_configs_are_refused(tmp_path):
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[PaCACallback(PaCAConfig(rank=2))])
+    with pytest.raises(ValueError, match="use one PaCAConfig for the module and the callback"):
+        trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
+
+
+def test_adapt_for_training_leaves_an_adapted_model_alone():
+    model = adapt_for_training(make_tiny_llama(), CONFIG)
+    layers = dict(paca_layers(model))
+    assert adapt_for_training(model, CONFIG) is model and dict(paca_layers(model)) == layers
+
+
+def test_the_model_is_found_by_type_or_by_the_attribute_named():
+    class TwoModels(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = make_tiny_llama(), make_tiny_llama(seed=1)
+
+    module = TwoModels()
+    with pytest.raises(ValueError, match=r"several transformers models \['student', 'teacher'\]"):
+        find_transformers_model(module)
+    assert find_transformers_model(module, "teacher") is module.teacher
+    with pytest.raises(AttributeError, match=r"no submodule 'pupil'.*\['student', 'teacher'\]"):
+        find_transformers_model(module, "pupil")
+    with pytest.raises(ValueError, match="exposes no transformers model"):
+        find_transformers_model(LightningModule())
+
+
+def test_callback_requires_a_paca_config():
+    with pytest.raises(TypeError, match="needs a PaCAConfig, got dict"):
+        PaCACallback({"rank": 4})
