@@ -13,12 +13,16 @@ the format of the "### Human: ... ### Assistant: ..." variant of OASST1::
 Which characters belong to the assistant is found by rendering the conversation prefix by
 prefix: the reply of turn ``i`` spans from the end of ``render(turns[:i], generation prompt)``
 to the end of ``render(turns[:i+1])``, so the end-of-turn token is trained too (the model learns
-to stop). Tokens are mapped to those character spans through the fast tokenizer's offsets.
+to stop). Tokens are mapped to those character spans through the fast tokenizer's offsets; a
+token straddling a span's edge (byte-level BPE merges the space before a reply into its first
+word) counts as the reply's.
 
 Packing puts several conversations into one row. Each keeps its own ``position_ids`` starting at
 0; transformers reads the restarts as document boundaries and masks attention across them
 (block-diagonal causal mask for eager/SDPA, ``cu_seqlens`` for flash attention), so a packed
-row computes exactly what the conversations would alone.
+row computes exactly what the conversations would alone. transformers does this only when the
+forward builds no KV cache: the model must run with ``use_cache=False`` (the training module
+sets it), otherwise the documents of a row would attend to each other.
 
     row:       [ conv A ........ | conv B ..... | conv C .. | pad ]
     positions:   0 1 2 ... 9       0 1 ... 6      0 1 2 3     0 1

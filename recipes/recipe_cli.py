@@ -1,0 +1,161 @@
+"""What the recipes share: a LightningCLI around `PaCAFineTuneModule` and the end-of-run report.
+
+A recipe is ``RecipeCLI(<its data module>, <its defaults>).fit()``; every knob is a command-line or
+YAML option (``--config``, ``--trainer.*``, ``--model.*``, ``--data.*``, ``--report.*``). The
+data module's tokenizer follows ``--model.model``, so the two cannot disagree.
+
+After ``fit`` the recipe prints what a user checks first: the loss at the start and the end,
+tokens per second, a sample reply before and after fine-tuning, and where the adapter, the
+merged model, the loss curve and the checkpoints were written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from paca_lightning import PaCAFineTuneModule
+from paca_lightning.callback import ADAPTER_DIRNAME, MERGED_DIRNAME
+
+
+class RecipeReport(L.Callback):
+    """Records the training loss and token throughput, and generates a sample reply.
+
+    Args:
+        sample_prompt: user message answered with the chat template before and after training.
+            Empty: no sample.
+        max_new_tokens: length limit of the sample reply.
+        loss_curve: write ``<default_root_dir>/loss_curve.png``.
+    """
+
+    def __init__(self, sample_prompt: str = "How can I sleep better?", max_new_tokens: int = 48,
+                 loss_curve: bool = True):
+        self.sample_prompt = sample_prompt
+        self.max_new_tokens = max_new_tokens
+        self.loss_curve = loss_curve
+        self.losses: list[tuple[int, float]] = []
+        self.samples: dict[str, str] = {}
+        self.tokens = 0
+        self.seconds = 0.0
+        self._step_started: Optional[float] = None
+
+    def _sample(self, pl_module: L.LightningModule, when: str) -> None:
+        if self.sample_prompt and hasattr(pl_module, "generate") and pl_module.trainer.is_global_zero:
+            self.samples[when] = pl_module.generate(self.sample_prompt, self.max_new_tokens, chat=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sample(pl_module, "before")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append((trainer.global_step, float(loss.detach())))
+        if len(self.losses) > 1:  # the first step includes one-time warm-up (allocations, kernels)
+            self.seconds += time.perf_counter() - self._step_started
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
+        self.tokens_per_second = self.tokens / self.seconds if self.seconds else float("nan")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sample(pl_module, "after")
+
+    def write_loss_curve(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed on servers
+        import matplotlib.pyplot as plt
+
+        steps = [step for step, _ in self.losses]
+        values = [value for _, value in self.losses]
+        window = max(1, len(values) // 20)
+        smoothed = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                    for i in range(len(values))]
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        axes.plot(steps, values, alpha=0.35, label="training loss (per batch)")
+        axes.plot(steps, smoothed, label=f"moving mean of {window}")
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("loss (assistant tokens)")
+        axes.legend()
+        figure.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
+    def summary(self) -> list[str]:
+        if not self.losses:
+            return ["no training step ran"]
+        head = [v for _, v in self.losses[:max(1, len(self.losses) // 10)]]
+        tail = [v for _, v in self.losses[-max(1, len(self.losses) // 10):]]
+        lines = [f"training loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
+                 f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"]
+        if self.seconds:
+            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s "
+                         f"({self.tokens:,} tokens in {self.seconds:.1f} s, first step excluded)")
+        for when, text in self.samples.items():
+            lines.append(f"sample {when} fine-tuning, user: {self.sample_prompt!r}\n  assistant: {text.strip()!r}")
+        return lines
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI for `PaCAFineTuneModule` with a recipe's data module and defaults.
+
+    Args:
+        datamodule_class: the recipe's LightningDataModule.
+        defaults: ``{"model.model": ..., "trainer.max_steps": ...}`` applied before configs and
+            command-line options, so a bare ``python recipes/<name>.py`` runs the recipe's demo.
+        extra_callbacks: ``{group name: callback class}`` added to every run and configurable as
+            ``--<group>.<option>`` (the MMLU evaluator).
+        args: command-line arguments (``None``: ``sys.argv``).
+    """
+
+    def __init__(self, datamodule_class: type, defaults: dict[str, Any],
+                 extra_callbacks: Optional[dict[str, type]] = None, args: Optional[list[str]] = None):
+        self.recipe_defaults = defaults
+        self.extra_callbacks = extra_callbacks or {}
+        super().__init__(PaCAFineTuneModule, datamodule_class, args=args, save_config_kwargs={"overwrite": True},
+                         run=False)
+
+    def fit(self) -> L.Trainer:
+        """Train with the parsed configuration, then print the report."""
+        self.trainer.fit(self.model, datamodule=self.datamodule)
+        self.after_fit()
+        return self.trainer
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_lightning_class_args(RecipeReport, "report")
+        for name, callback_class in self.extra_callbacks.items():
+            parser.add_lightning_class_args(callback_class, name)
+        parser.set_defaults(self.recipe_defaults)
+
+    def after_fit(self) -> None:
+        trainer, report = self.trainer, self._report_callback()
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir).resolve()
+        lines = ["", "=" * 72, *report.summary()]
+        outputs = []
+        if report.loss_curve and report.losses:
+            outputs.append(("loss curve", report.write_loss_curve(root / "loss_curve.png")))
+        for label, directory in (("adapter", root / ADAPTER_DIRNAME), ("merged model", root / MERGED_DIRNAME)):
+            if directory.exists():
+                outputs.append((label, directory))
+        checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if checkpoint:
+            outputs.append(("checkpoint", Path(checkpoint).resolve()))
+        outputs.append(("config", Path(trainer.log_dir or root).resolve() / "config.yaml"))
+        lines += [f"{label + ':':<14}{path}" for label, path in outputs]
+        lines.append("=" * 72)
+        print("\n".join(lines), flush=True)
+
+    def _report_callback(self) -> RecipeReport:
+        return next(c for c in self.trainer.callbacks if isinstance(c, RecipeReport))
+
