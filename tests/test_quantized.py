@@ -305,3 +305,19 @@ def test_quantize_rejects_conv1d_mismatched_formats_gradient_selection_and_bad_n
         PaCAConfig(quantize="int4")
     with pytest.raises(ValueError, match=r"applies to PaCA layers on a bitsandbytes base"):
         merge_paca(apply_paca(make_tiny_llama(), PaCAConfig(rank=4)), dtype=torch.float16)
+
+
+def test_gradient_checkpointing_under_autocast_recomputes_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_paca(make_tiny_llama(seed=2), PaCAConfig(rank=4, alpha=8, quantize="nf4"))
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**token_batch()).loss
+        loss.backward()
+        grads.append({name: layer.paca_weight.grad for name, layer in paca_layers(model)})
+    assert all(grad.dtype == torch.float32 and grad.abs().sum() > 0 for grad in grads[0].values())
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
