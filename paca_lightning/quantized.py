@@ -40,7 +40,7 @@ from .layers import PaCALinear, is_conv1d
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
 _INT8_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it, for bit-equal results
-_ROWS_PER_INT8_CHUNK_ELEMENTS = 1 << 22  # int8 dequantization temporaries stay <= 16 MiB (fp32)
+_INT8_CHUNK_ELEMENTS = 1 << 22  # int8 dequantization temporaries stay <= 16 MiB (fp32)
 
 
 def import_bitsandbytes(purpose: str):
@@ -134,7 +134,7 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     quantized = module.weight.data
     scales = _int8_row_scales(module).to(quantized.device)
     out = torch.empty(quantized.shape, dtype=dtype, device=quantized.device)
-    rows = max(1, _ROWS_PER_INT8_CHUNK_ELEMENTS // max(1, quantized.shape[1]))
+    rows = max(1, _INT8_CHUNK_ELEMENTS // max(1, quantized.shape[1]))
     for start in range(0, quantized.shape[0], rows):
         chunk = bnb.functional.int8_vectorwise_dequant(quantized[start:start + rows], scales[start:start + rows])
         out[start:start + rows] = chunk
