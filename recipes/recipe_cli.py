@@ -12,6 +12,7 @@ merged model, the loss curve and the checkpoints were written.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from paca_lightning import PaCAFineTuneModule
 from paca_lightning.callback import ADAPTER_DIRNAME, MERGED_DIRNAME
+
+# torchdata's StatefulDataLoader calls an API torch 2.13 deprecated; the warning is not the user's to act on
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class RecipeReport(L.Callback):
@@ -58,8 +62,8 @@ class RecipeReport(L.Callback):
         self.losses.append((trainer.global_step, float(loss.detach())))
         if len(self.losses) > 1:  # the first step includes one-time warm-up (allocations, kernels)
             self.seconds += time.perf_counter() - self._step_started
-            mask = batch.get("attention_mask")
-            self.tokens += int(mask.sum()) if mask is not None else int((batch["labels"] != -100).sum())
+            mask = batch.get("attention_mask")  # packed rows have none: they are (nearly) all tokens
+            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.tokens_per_second = self.tokens / self.seconds if self.seconds else float("nan")
 
     def on_train_end(self, trainer, pl_module) -> None:
