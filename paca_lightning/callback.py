@@ -321,6 +321,14 @@ class PaCACallback(Callback):
             return
         model = self._require_model()
         root = Path(trainer.default_root_dir)
+        if trainer.world_size > 1:  # shards or replicas on every rank: gather collectively, rank 0 writes
+            from .distributed import export_merged, save_sharded_adapter
+            if self.save_adapter_on_fit_end:
+                save_sharded_adapter(model, root / ADAPTER_DIRNAME, root=trainer.strategy.model)
+            if self.save_merged_on_fit_end:
+                export_merged(model, root / MERGED_DIRNAME, root=trainer.strategy.model,
+                              tokenizer=getattr(pl_module, "tokenizer", None))
+            return
         if trainer.is_global_zero:
             if self.save_adapter_on_fit_end:
                 save_adapter(model, root / ADAPTER_DIRNAME)
@@ -361,7 +369,9 @@ def _sync_stale_columns(model: nn.Module) -> None:
 
 
 def _trainable_keys(pl_module: LightningModule) -> list[str]:
-    return [name for name, param in pl_module.named_parameters() if param.requires_grad]
+    from .distributed import clean_name  # FSDP1 inserts wrapper names that state dicts omit
+
+    return [clean_name(name) for name, param in pl_module.named_parameters() if param.requires_grad]
 
 
 def _prefix_of(pl_module: LightningModule, model: nn.Module) -> str:

@@ -39,13 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from .adapter import adapter_state, write_adapter
 from .layers import PaCALinear
 from .model import paca_layers, set_paca_auto_sync, sync_paca_columns
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
-_WRAPPER_NAME_PARTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+_WRAPPER_NAME_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def write_local_columns(layer: PaCALinear, columns: torch.Tensor) -> None:
@@ -142,6 +143,7 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
 
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
+    _refuse_quantized([model], "FSDP2")
     blocks = decoder_layers(model, layer_classes)
     set_paca_auto_sync(model, False)
     kwargs: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
@@ -181,7 +183,8 @@ def use_delta_form(model: nn.Module) -> nn.Module:
 
 
 def clean_name(name: str) -> str:
-    """A parameter or module name without the parts wrappers insert (FSDP1, DDP, checkpointing)."""
+    """A parameter or module name without the parts wrappers insert (FSDP1, checkpoint wrappers,
+    ``torch.compile``), i.e. the name a state dict uses."""
     return _WRAPPER_NAME_PARTS.sub("", name)
 
 
@@ -218,9 +221,12 @@ def _full_tensors(model: nn.Module, root: Optional[nn.Module], keep: Callable[[s
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    def named():
-        return [(clean_name(n), t) for n, t in (*model.named_parameters(remove_duplicate=False),
-                                                 *model.named_buffers(remove_duplicate=False))]
+    def named():  # what a state dict holds: parameters and persistent buffers
+        buffers = [(f"{prefix}.{name}" if prefix else name, tensor)
+                   for prefix, module in model.named_modules(remove_duplicate=False)
+                   for name, tensor in module._buffers.items()
+                   if tensor is not None and name not in module._non_persistent_buffers_set]
+        return [(clean_name(n), t) for n, t in (*model.named_parameters(remove_duplicate=False), *buffers)]
 
     fsdp1_root = root if root is not None else model
     keeper = not rank0_only or _rank() == 0
@@ -331,6 +337,184 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
     return Path(directory)
 
 
+
+# ---------------------------------------------------------------------- Lightning strategies
+def _paca_models(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of ``module`` that `apply_paca` adapted (they carry paca_config)."""
+    found = [(name, m) for name, m in module.named_modules() if "paca_config" in vars(m)]
+    return [m for name, m in found if not any(name.startswith(other + ".") and name != other
+                                               for other, _ in found if other)] if found else []
+
+
+def _refuse_quantized(models: list[nn.Module], engine: str) -> None:
+    for model in models:
+        for name, layer in paca_layers(model):
+            if getattr(layer, "kind", None) in ("4bit", "8bit"):
+                raise NotImplementedError(
+                    f"{engine} cannot shard the quantized PaCA layer {name!r} (QPaCA): bitsandbytes keeps "
+                    "each weight's quantization state (block scales, shape) beside the packed bytes, and "
+                    "sharding the bytes alone would separate them. Train QPaCA with one process per model "
+                    "replica (a 70B base in 4-bit is about 35 GB), e.g. strategy='ddp', or shard a bf16 base")
+
+
+class PaCAModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy with PaCA's sharding policy applied for you.
+
+    After ``configure_model`` has built and adapted the model (`PaCAFineTuneModule`, or any
+    module with `PaCACallback`), every adapted model not yet sharded goes through
+    `shard_paca_model` on the data-parallel mesh, and each optimizer gets `attach_column_sync`.
+    Unlike the parent class (whose default mesh is tensor-parallel within a node), all
+    ``num_nodes x devices`` processes form one data-parallel (FSDP) dimension.
+
+    Args:
+        activation_checkpointing, cpu_offload, mp_policy, reshard_after_forward, layer_classes:
+            see `shard_paca_model`.
+        save_distributed_checkpoint: each rank writes its shard (a folder) rather than rank 0
+            writing one file; see ``ModelParallelStrategy``.
+    """
+
+    strategy_name = "paca_fsdp2"
+
+    def __init__(self, *, activation_checkpointing: bool = False, cpu_offload: bool = False, mp_policy=None,
+                 reshard_after_forward: bool = True, layer_classes=None, save_distributed_checkpoint: bool = True,
+                 process_group_backend: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+        self._shard_kwargs = dict(activation_checkpointing=activation_checkpointing, cpu_offload=cpu_offload,
+                                  mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
+                                  layer_classes=layer_classes)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        models = _paca_models(self.model)
+        if not models:
+            raise RuntimeError(f"{type(self).__name__} found no PaCA model in {type(self.model).__name__}; adapt "
+                               "it in configure_model (PaCAFineTuneModule and PaCACallback do)")
+        _refuse_quantized(models, "FSDP2")
+        for model in models:
+            if not any(isinstance(p, DTensor) for p in model.parameters()):
+                shard_paca_model(model, self.device_mesh["data_parallel"], **self._shard_kwargs)
+        super().setup(trainer)
+
+    def setup_optimizers(self, trainer) -> None:
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            for model in _paca_models(self.model):
+                attach_column_sync(optimizer, model)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Lightning's loader, except that a distributed checkpoint may hold only some of the
+        model's tensors when the module loads non-strictly (`PaCACallback`'s adapter-only
+        checkpoints: trainable columns and optimizer state, no frozen base)."""
+        from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.strict_loading or not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+        model_state = {key: value for key, value in get_model_state_dict(self.model).items()
+                       if f"state_dict.{key}" in saved}
+        load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            optimizer_state = {f"optimizer_{index}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[f"optimizer_{index}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        checkpoint["state_dict"] = model_state  # what was loaded, for on_load_checkpoint hooks to check
+        return checkpoint
+
+
+class PaCAFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP1 strategy for PaCA: ``use_orig_params=True``, delta form, CPU capable.
+
+    Before wrapping, every adapted model switches to the delta form (`use_delta_form`); unless
+    an ``auto_wrap_policy`` is given, each decoder layer becomes its own FSDP unit. Lightning's
+    ``FSDPStrategy`` refuses CPU; this subclass passes ``device_id=cpu`` to FSDP so 2-process
+    gloo runs work for testing. Checkpoints default to ``state_dict_type="sharded"``.
+
+    Note FSDP1 allocates each unit's gradient for its whole flattened parameter, frozen weights
+    included; prefer `PaCAModelParallelStrategy` (FSDP2), whose gradient memory is the trainable
+    columns only.
+    """
+
+    strategy_name = "paca_fsdp"
+
+    def __init__(self, *, auto_wrap_policy=None, state_dict_type: str = "sharded", **kwargs: Any) -> None:
+        if kwargs.pop("use_orig_params", True) is not True:
+            raise ValueError("PaCAFSDPStrategy needs use_orig_params=True: PaCA's paca_weight must stay a "
+                             "parameter of its own for the optimizer and the adapter files")
+        super().__init__(auto_wrap_policy=auto_wrap_policy, state_dict_type=state_dict_type,
+                         use_orig_params=True, **kwargs)
+
+    def setup(self, trainer) -> None:
+        if self.root_device.type == "cpu" and self._state_dict_type == "full":
+            raise ValueError("PaCAFSDPStrategy(state_dict_type='full') on CPU: FSDP1's full state dict "
+                             "offloads to CPU, which crashes under gloo; use state_dict_type='sharded' on CPU")
+        super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Lightning's loader, except that a sharded checkpoint may hold only some of the model's
+        tensors when the module loads non-strictly (`PaCACallback`'s adapter-only checkpoints)."""
+        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _get_sharded_state_dict_context
+        from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.strict_loading or not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+        with _get_sharded_state_dict_context(self.model):
+            model_state = {key: value for key, value in self.model.state_dict().items() if f"model.{key}" in saved}
+            load({"model": model_state}, checkpoint_id=path)
+            self.model.load_state_dict(model_state, strict=False)
+            for index, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{index}"
+                optimizer_state = load_sharded_optimizer_state_dict(model_state_dict=model_state, optimizer_key=key,
+                                                                    storage_reader=FileSystemReader(path))
+                optimizer.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(
+                    optim_state_dict=optimizer_state[key], model=self.model, optim=optimizer))
+        checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        checkpoint["state_dict"] = {key: None for key in model_state}  # the loaded keys, for hooks to check
+        return checkpoint
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        models = _paca_models(model)
+        if not models:
+            raise RuntimeError(f"{type(self).__name__} found no PaCA model in {type(model).__name__}; adapt it "
+                               "in __init__ or configure_model (PaCAFineTuneModule and PaCACallback do)")
+        _refuse_quantized(models, "FSDP1")
+        for paca_model in models:
+            use_delta_form(paca_model)
+        if "auto_wrap_policy" not in self.kwargs:
+            blocks = {type(block) for paca_model in models for block in decoder_layers(paca_model)}
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks)
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        wrapped = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                           mixed_precision=self.mixed_precision_config,
+                                           sharding_strategy=self.sharding_strategy,
+                                           device_id=self.root_device, **self.kwargs)
+        from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
+
+
 __all__ = ["shard_paca_model", "attach_column_sync", "use_delta_form", "write_local_columns",
            "paca_shard_placement", "decoder_layers", "gather_adapter_state", "save_sharded_adapter",
-           "merged_state_dict", "export_merged", "clean_name"]
+           "merged_state_dict", "export_merged", "clean_name", "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]

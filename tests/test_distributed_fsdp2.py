@@ -44,3 +44,22 @@ def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_wor
     assert memory["grad_bytes"] == share
     assert memory["optimizer_state_bytes"] == 2 * share  # AdamW: exp_avg and exp_avg_sq
     assert memory["param_bytes_local"] * world == memory["param_bytes_global"]
+
+
+LIGHTNING = "lightning_worker.py"
+
+
+def test_lightning_fsdp2_trained_columns_match_single_process_after_two_steps():
+    # PaCAModelParallelStrategy (FSDP2, activation checkpointing, distributed checkpoint)
+    assert results(LIGHTNING)["fsdp2_step2_error"] < TOLERANCE
+
+
+def test_lightning_fsdp2_resume_from_adapter_only_checkpoint_continues_like_the_single_process_run():
+    assert results(LIGHTNING)["fsdp2_resumed_error"] < TOLERANCE
+
+
+def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_export_computes_the_same():
+    found = results(LIGHTNING)
+    assert found["fsdp2_adapter_error"] < TOLERANCE
+    assert found["fsdp2_merged_logits_error"] < TOLERANCE
+    assert found["fsdp2_merged_has_no_paca_keys"]

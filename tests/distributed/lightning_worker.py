@@ -1,0 +1,123 @@
+"""Launched by tests/test_distributed_*.py as ``torchrun --nproc-per-node 2 lightning_worker.py OUT_DIR``.
+
+For each of PaCAModelParallelStrategy (FSDP2), PaCAFSDPStrategy (FSDP1) and DDP, on CPU/gloo:
+a `PaCAFineTuneModule` on a tiny Llama trains 2 steps and saves a checkpoint (the strategy's
+own format: distributed for FSDP2, sharded for FSDP1, a file for DDP); a fresh Trainer resumes
+from it to step 4; the callback writes the adapter and merged model at fit end. Each is compared
+with a single process training on the same global batches. Rank 0 writes OUT_DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from paca_lightning import PaCAConfig, load_adapter, paca_layers
+from paca_lightning.callback import PaCACallback
+from paca_lightning.distributed import PaCAFSDPStrategy, PaCAModelParallelStrategy, gather_adapter_state
+from paca_lightning.module import PaCAFineTuneModule
+
+VOCAB, LENGTH, SAMPLES, STEPS = 128, 12, 4, 4
+CONFIG = PaCAConfig(rank=4, alpha=8, target_modules="all-linear")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=64))
+
+
+def samples() -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def module() -> PaCAFineTuneModule:
+    # min_lr_ratio=1: a constant learning rate, so the reference needs no schedule
+    return PaCAFineTuneModule(tiny_llama(), paca=CONFIG, learning_rate=2e-2, min_lr_ratio=1.0)
+
+
+def reference(steps: int) -> dict[str, torch.Tensor]:
+    """One process, the whole global batch (every sample) per step: the trained columns."""
+    single = module()
+    single.configure_model()
+    optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=2e-2,
+                                  betas=single.betas, eps=single.eps, weight_decay=0.0)
+    batch = torch.utils.data.default_collate(samples())
+    for _ in range(steps):
+        single.compute_loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: layer.paca_weight.detach().clone() for name, layer in paca_layers(single.model)}
+
+
+def strategy(kind: str):
+    if kind == "fsdp2":
+        return PaCAModelParallelStrategy(activation_checkpointing=True)
+    if kind == "fsdp1":
+        return PaCAFSDPStrategy()
+    return "ddp"
+
+
+def fit(kind: str, root: Path, max_steps: int, ckpt_path=None) -> PaCAFineTuneModule:
+    trained = module()
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy(kind), max_steps=max_steps,
+                      default_root_dir=str(root), logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[PaCACallback(CONFIG, log_throughput=False)])
+    # 2 samples per rank, 1 step per epoch: every step sees the same global batch as the reference
+    trainer.fit(trained, DataLoader(samples(), batch_size=SAMPLES // 2), ckpt_path=ckpt_path)
+    if ckpt_path is None:
+        trainer.save_checkpoint(root / "step2.ckpt")
+    trained.trainer_model = trainer.strategy.model
+    return trained
+
+
+def column_error(columns, ref) -> float:
+    assert set(columns) == set(ref), sorted(set(columns) ^ set(ref))[:4]
+    return max((columns[k] - ref[k]).abs().max().item() for k in columns)
+
+
+def gathered_columns(trained) -> dict[str, torch.Tensor]:
+    tensors, _ = gather_adapter_state(trained.model, root=trained.trainer_model)
+    return {n[:-len(".paca_weight")]: t for n, t in tensors.items() if n.endswith(".paca_weight")}
+
+
+def main(out: Path) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    refs = {steps: reference(steps) for steps in (2, STEPS)}
+    results: dict = {}
+    for kind in ("fsdp2", "fsdp1", "ddp"):
+        root = out / kind
+        first = fit(kind, root / "first", max_steps=2)
+        results[f"{kind}_step2_error"] = column_error(gathered_columns(first), refs[2])
+        resumed = fit(kind, root / "resumed", max_steps=STEPS, ckpt_path=root / "first" / "step2.ckpt")
+        results[f"{kind}_resumed_error"] = column_error(gathered_columns(resumed), refs[STEPS])
+        if dist.get_rank() == 0:
+            # fit-end exports by the callback: adapter (every rank's rows) and merged model
+            adapter = load_adapter(tiny_llama(), root / "resumed" / "paca_adapter")
+            columns = {n: layer.paca_weight.detach() for n, layer in paca_layers(adapter)}
+            results[f"{kind}_adapter_error"] = column_error(columns, refs[STEPS])
+            merged = LlamaForCausalLM.from_pretrained(root / "resumed" / "merged")
+            expected = adapter  # the loaded adapter computes exactly what the trained model did
+            ids = samples()[0]["input_ids"][None]
+            with torch.no_grad():
+                results[f"{kind}_merged_logits_error"] = (merged(ids).logits - expected(ids).logits).abs().max().item()
+            results[f"{kind}_merged_has_no_paca_keys"] = not any("paca" in k for k in merged.state_dict())
+        dist.barrier()
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
