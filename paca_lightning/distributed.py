@@ -73,8 +73,8 @@ def write_local_columns(layer: PaCALinear, columns: torch.Tensor) -> None:
             f"layer ({layer.extra_repr()}): weight placements {tuple(weight.placements)}, paca_weight "
             f"placements {tuple(paca.placements)}. The weight's output dimension (dim {output_dim}) must "
             f"be sharded like paca_weight's rows (dim 0), i.e. weight placements {expected}. Use "
-            "paca_lightning.distributed.shard_paca_model, or pass paca_shard_placement as "
-            "fully_shard(shard_placement_fn=...)")
+            "paca_lightning.distributed.shard_paca_model, or fully_shard(module, "
+            "shard_placement_fn=paca_shard_placement(model))")
     if isinstance(columns, DTensor):
         local_columns = columns.to_local()
     else:  # a full (out x r) tensor: take this rank's rows, located like paca_weight's shard

@@ -40,6 +40,8 @@ def test_fsdp2_adapter_save_gathers_every_ranks_rows():
 def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_world_size():
     memory = results(PLAIN)["fsdp2_memory"]
     world = results(PLAIN)["world_size"]
+    print(f"FSDP2 per-rank bytes (world size {world}): {memory}; "
+          f"FSDP1 for comparison: {results(PLAIN)['fsdp1_memory']}")
     share = memory["trainable_param_bytes_global"] // world
     assert memory["grad_bytes"] == share
     assert memory["optimizer_state_bytes"] == 2 * share  # AdamW: exp_avg and exp_avg_sq
