@@ -39,3 +39,55 @@ def test_lightning_fsdp1_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
     assert found["fsdp1_adapter_error"] < TOLERANCE
     assert found["fsdp1_merged_logits_error"] < TOLERANCE
     assert found["fsdp1_merged_has_no_paca_keys"]
+
+
+# Single-process properties of the delta form (no launch).
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import make_tiny_gpt2, make_tiny_llama, token_batch  # noqa: E402
+from paca_lightning import PaCAConfig, apply_paca, paca_layers  # noqa: E402
+from paca_lightning.distributed import PaCAFSDPStrategy, use_delta_form  # noqa: E402
+
+
+def _loss_and_grads(model):
+    batch = token_batch()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: layer.paca_weight.grad.clone() for name, layer in paca_layers(model)}
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2], ids=["linear", "conv1d"])
+def test_delta_form_equals_in_place_columns_whatever_the_weight_holds(make):
+    config = PaCAConfig(rank=4, alpha=8)
+    reference, delta = apply_paca(make(), config), apply_paca(make(), config)
+    with torch.no_grad():  # trained columns differ from the pretrained ones
+        for model in (reference, delta):
+            for _, layer in paca_layers(model):
+                layer.paca_weight.add_(0.05)
+    use_delta_form(delta)
+    for _, layer in paca_layers(delta):  # the delta form must not rely on written columns
+        layer._write_columns(layer.paca_base_columns)
+    loss, grads = _loss_and_grads(reference)
+    delta_loss, delta_grads = _loss_and_grads(delta)
+    torch.testing.assert_close(delta_loss, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(delta_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_delta_form_control_without_it_the_stale_weight_changes_the_loss():
+    config = PaCAConfig(rank=4, alpha=8)
+    model = apply_paca(make_tiny_llama(), config)
+    with torch.no_grad():
+        for _, layer in paca_layers(model):
+            layer.paca_weight.add_(0.05)
+    trained_loss = model(**token_batch()).loss.item()
+    for _, layer in paca_layers(model):
+        layer.auto_sync = False
+        layer._write_columns(layer.paca_base_columns)
+    assert abs(model(**token_batch()).loss.item() - trained_loss) > 1e-3
+
+
+def test_fsdp1_strategy_refuses_use_orig_params_false():
+    with pytest.raises(ValueError, match="use_orig_params=True"):
+        PaCAFSDPStrategy(use_orig_params=False)

@@ -65,3 +65,29 @@ def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
     assert found["fsdp2_adapter_error"] < TOLERANCE
     assert found["fsdp2_merged_logits_error"] < TOLERANCE
     assert found["fsdp2_merged_has_no_paca_keys"]
+
+
+# Single-process checks of the sharding policy's refusals (no launch, no process group).
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
+from paca_lightning import PaCAConfig, apply_paca  # noqa: E402
+from paca_lightning.distributed import decoder_layers, shard_paca_model  # noqa: E402
+
+
+def test_shard_paca_model_refuses_quantized_bases_with_the_reason():
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4, alpha=8, quantize="nf4"))
+    with pytest.raises(NotImplementedError, match="QPaCA"):
+        shard_paca_model(model)
+
+
+def test_shard_paca_model_refuses_a_model_without_paca():
+    with pytest.raises(ValueError, match="apply_paca"):
+        shard_paca_model(make_tiny_llama())
+
+
+def test_decoder_layers_come_from_no_split_modules_or_a_clear_error():
+    assert len(decoder_layers(make_tiny_llama())) == 2
+    with pytest.raises(ValueError, match="layer_classes"):
+        decoder_layers(nn.Sequential(nn.Linear(4, 4)))
