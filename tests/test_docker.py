@@ -8,10 +8,9 @@ dependency set covers the project's declared dependencies within their ranges.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
-import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,14 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((REPOSITORY / "docker").glob("*/Dockerfile"))
 PYPROJECT = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
-sys.path.insert(0, str(REPOSITORY / "docker"))
-import make_constraints  # noqa: E402
+_GENERATOR_SPEC = importlib.util.spec_from_file_location("make_constraints", REPOSITORY / "docker" / "make_constraints.py")
+make_constraints = importlib.util.module_from_spec(_GENERATOR_SPEC)
+_GENERATOR_SPEC.loader.exec_module(make_constraints)
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:

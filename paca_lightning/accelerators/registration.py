@@ -11,15 +11,13 @@ Two things are needed; `register_hpu` does both, once per process:
    for these choices, so four connector methods are wrapped. Each wrapper decides only the HPU
    case and hands every other case to Lightning's original, unchanged:
 
-   ==============================  =========================================================
-   ``_choose_auto_accelerator``    ``"auto"`` picks ``"hpu"`` when Lightning found no TPU, MPS
-                                   or CUDA device but a Gaudi card is visible
-   ``_choose_strategy``            1 card and 1 node: `SingleHPUStrategy`; else ``"hpu_ddp"``
-   ``_check_strategy_and_fallback``  refuses a non-HPU strategy on HPU (``"ddp"`` would
-                                   all-reduce over gloo, ``"fsdp"`` demands CUDA) and an HPU
-                                   strategy on another accelerator, naming the valid choices
-   ``_check_and_init_precision``   `hpu_precision_plugin` unless a precision plugin was given
-   ==============================  =========================================================
+   - ``_choose_auto_accelerator``: ``"auto"`` picks ``"hpu"`` when Lightning found no TPU, MPS or
+     CUDA device but a Gaudi card is visible;
+   - ``_choose_strategy``: 1 card and 1 node gives `SingleHPUStrategy`, anything more ``"hpu_ddp"``;
+   - ``_check_strategy_and_fallback``: refuses a non-HPU strategy on HPU (Lightning's DDP setup
+     assumes CUDA device indices and streams, ``"fsdp"`` demands CUDA) and an HPU strategy on
+     another accelerator, naming the valid choices;
+   - ``_check_and_init_precision``: `hpu_precision_plugin`, unless a precision plugin was given.
 
 These are private Lightning methods: ``pyproject.toml`` pins ``lightning<2.7`` and
 ``tests/test_accelerators_hpu.py`` exercises every wrapper through a real ``Trainer``.
