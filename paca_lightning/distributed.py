@@ -418,8 +418,13 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
                                                              set_optimizer_state_dict)
 
         path = Path(self.broadcast(checkpoint_path))
-        if self.lightning_module.strict_loading or not _is_sharded_checkpoint(path):
+        if self.lightning_module.strict_loading:
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if not _is_sharded_checkpoint(path):  # one full file: Lightning's loader drops the keys it loaded
+            saved_keys = list(torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)["state_dict"])
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint["state_dict"] = dict.fromkeys(saved_keys)  # for on_load_checkpoint hooks to check
+            return checkpoint
         saved = FileSystemReader(path).read_metadata().state_dict_metadata
         model_state = {key: value for key, value in get_model_state_dict(self.model).items()
                        if f"state_dict.{key}" in saved}

@@ -60,6 +60,14 @@ def test_lightning_fsdp2_resume_from_adapter_only_checkpoint_continues_like_the_
     assert results(LIGHTNING)["fsdp2_resumed_error"] < TOLERANCE
 
 
+def test_lightning_fsdp2_resume_from_one_full_checkpoint_file_continues_like_the_single_process_run():
+    # PaCAModelParallelStrategy(save_distributed_checkpoint=False): rank 0 writes one file
+    found = results(LIGHTNING)
+    assert found["fsdp2_full_step2_error"] < TOLERANCE
+    assert found["fsdp2_full_resumed_error"] < TOLERANCE
+    assert found["fsdp2_full_adapter_error"] < TOLERANCE
+
+
 def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_export_computes_the_same():
     found = results(LIGHTNING)
     assert found["fsdp2_adapter_error"] < TOLERANCE

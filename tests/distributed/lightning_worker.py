@@ -1,8 +1,9 @@
 """Launched by tests/test_distributed_*.py as ``torchrun --nproc-per-node 2 lightning_worker.py OUT_DIR``.
 
-For each of PaCAModelParallelStrategy (FSDP2), PaCAFSDPStrategy (FSDP1) and DDP, on CPU/gloo:
-a `PaCAFineTuneModule` on a tiny Llama trains 2 steps and saves a checkpoint (the strategy's
-own format: distributed for FSDP2, sharded for FSDP1, a file for DDP); a fresh Trainer resumes
+For each of PaCAModelParallelStrategy (FSDP2; distributed and single-file checkpoints),
+PaCAFSDPStrategy (FSDP1) and DDP, on CPU/gloo: a `PaCAFineTuneModule` on a tiny Llama trains 2
+steps and saves a checkpoint (distributed or one file for FSDP2, sharded for FSDP1, a file for
+DDP; adapter-only, `PaCACallback`'s default); a fresh Trainer resumes
 from it to step 4; the callback writes the adapter and merged model at fit end. Each is compared
 with a single process training on the same global batches. Rank 0 writes OUT_DIR/results.json.
 """
@@ -63,6 +64,8 @@ def reference(steps: int) -> dict[str, torch.Tensor]:
 def strategy(kind: str):
     if kind == "fsdp2":
         return PaCAModelParallelStrategy(activation_checkpointing=True)
+    if kind == "fsdp2_full":  # one full checkpoint file written by rank 0
+        return PaCAModelParallelStrategy(save_distributed_checkpoint=False)
     if kind == "fsdp1":
         return PaCAFSDPStrategy()
     return "ddp"
@@ -97,7 +100,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     refs = {steps: reference(steps) for steps in (2, STEPS)}
     results: dict = {}
-    for kind in ("fsdp2", "fsdp1", "ddp"):
+    for kind in ("fsdp2", "fsdp2_full", "fsdp1", "ddp"):
         root = out / kind
         first = fit(kind, root / "first", max_steps=2)
         results[f"{kind}_step2_error"] = column_error(gathered_columns(first), refs[2])
