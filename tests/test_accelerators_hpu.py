@@ -279,6 +279,20 @@ def test_fsdp2_on_hpu_shards_over_every_rank_of_the_job_by_default(gaudi, monkey
     assert (data_parallel, tensor_parallel, world_size, device.type) == (8, 1, 8, "hpu")
 
 
+@pytest.mark.parametrize("tensor_parallel_size", [0, 1.5, True])
+def test_fsdp2_refuses_a_tensor_parallel_size_that_is_not_a_positive_int(tensor_parallel_size):
+    with pytest.raises(MisconfigurationException, match="tensor_parallel_size must be a positive int"):
+        HPUFSDPStrategy(tensor_parallel_size=tensor_parallel_size)
+
+
+def test_fsdp2_refuses_a_job_size_that_tensor_parallel_groups_do_not_divide(gaudi, monkeypatch):
+    trainer = Trainer(accelerator="hpu", devices=3, strategy=HPUFSDPStrategy(tensor_parallel_size=2), **QUIET)
+    _recorded_process_group(monkeypatch, trainer)
+    trainer.strategy.connect(BoringModel())
+    with pytest.raises(MisconfigurationException, match="3 ranks, not a multiple of tensor_parallel_size=2"):
+        trainer.strategy.setup_environment()
+
+
 # ---------------------------------------------------------------- execution modes, through fit
 
 

@@ -23,7 +23,8 @@ tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Py
 REPOSITORY = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((REPOSITORY / "docker").glob("*/Dockerfile"))
 PYPROJECT = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
-_GENERATOR_SPEC = importlib.util.spec_from_file_location("make_constraints", REPOSITORY / "docker" / "make_constraints.py")
+_GENERATOR_SPEC = importlib.util.spec_from_file_location("make_constraints",
+                                                         REPOSITORY / "docker" / "make_constraints.py")
 make_constraints = importlib.util.module_from_spec(_GENERATOR_SPEC)
 _GENERATOR_SPEC.loader.exec_module(make_constraints)
 

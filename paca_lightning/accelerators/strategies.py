@@ -150,7 +150,8 @@ class HPUFSDPStrategy(_HPUExecutionMode, ModelParallelStrategy):
         process_group_backend: str = "hccl",
         timeout: Optional[timedelta] = default_pg_timeout,
     ) -> None:
-        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) \
+                or tensor_parallel_size < 1:
             raise MisconfigurationException(
                 f"HPUFSDPStrategy: tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}."
             )
