@@ -3,7 +3,7 @@
 PaCA trains columns that live *inside* a frozen weight, so every engine that shards or copies
 weights has to be told how the invariant ``W[:, S] == (s * P).to(W.dtype)`` survives it:
 
-- **FSDP2** (`shard_paca_model`, Lightning's ``ModelParallelStrategy``). ``fully_shard`` turns
+- **FSDP2** (`shard_paca_model`; in Lightning `PaCAModelParallelStrategy`). ``fully_shard`` turns
   ``W`` and ``P`` into DTensors. A Linear's ``W`` (out x in) and its ``P`` (out x r) are both
   sharded on dim 0, the output rows, and dim 0 has the same length in both, so rank ``k`` holds
   the same rows of each::
@@ -37,9 +37,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from .adapter import adapter_state, write_adapter
 from .layers import PaCALinear
@@ -342,8 +342,7 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
 def _paca_models(module: nn.Module) -> list[nn.Module]:
     """The outermost submodules of ``module`` that `apply_paca` adapted (they carry paca_config)."""
     found = [(name, m) for name, m in module.named_modules() if "paca_config" in vars(m)]
-    return [m for name, m in found if not any(name.startswith(other + ".") and name != other
-                                               for other, _ in found if other)] if found else []
+    return [m for name, m in found if not any(other and name.startswith(other + ".") for other, _ in found)]
 
 
 def _refuse_quantized(models: list[nn.Module], engine: str) -> None:

@@ -172,6 +172,11 @@ class PaCALinear(nn.Module):
             from .distributed import write_local_columns
             write_local_columns(self, columns)
             return
+        if self.weight.dim() != 2:  # FSDP1 (use_orig_params) shows a flat 1-D slice between steps
+            raise RuntimeError(f"PaCA layer ({self.extra_repr()}): the weight is a flattened shard of shape "
+                               f"{tuple(self.weight.shape)}, so the trained columns cannot be written into it. "
+                               "Under FSDP1 use paca_lightning.distributed.PaCAFSDPStrategy (or "
+                               "use_delta_form(model) before wrapping); under FSDP2 shard_paca_model")
         columns = columns.to(self.weight.dtype)
         if self.transposed:
             self.weight.index_copy_(0, self.paca_indices, columns.t())

@@ -91,3 +91,11 @@ def test_delta_form_control_without_it_the_stale_weight_changes_the_loss():
 def test_fsdp1_strategy_refuses_use_orig_params_false():
     with pytest.raises(ValueError, match="use_orig_params=True"):
         PaCAFSDPStrategy(use_orig_params=False)
+
+
+def test_column_write_into_a_flattened_fsdp1_shard_is_refused_with_the_fix_named():
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4, alpha=8))
+    layer = next(layer for _, layer in paca_layers(model))
+    layer.weight = torch.nn.Parameter(layer.weight.detach().flatten()[:100], requires_grad=False)
+    with pytest.raises(RuntimeError, match="PaCAFSDPStrategy"):
+        layer.sync_columns_()
