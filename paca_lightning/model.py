@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import PaCAConfig
 from .layers import PaCALinear, is_conv1d
-from .quantized import (QuantizedPaCALinear, check_quantized_selection, drop_quantization_markers,
+from .quantized import (QuantizedPaCALinear, check_quantized_targets, drop_quantization_markers,
                         import_bitsandbytes, is_quantized_linear, quantized_paca_layer)
 from .selection import (Calibration, gradient_scores, in_features_of, random_columns, top_columns,
                         weight_norm_scores)
@@ -135,7 +135,7 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
 
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
-    check_quantized_selection(config.selection, targets)
+    check_quantized_targets(config.selection, config.quantize, targets)
     for name, module in targets.items():
         rank, in_features = config.rank_for(name), in_features_of(module)
         if indices is None and rank > in_features:
@@ -170,7 +170,7 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         scaling = config.alpha_for(name) / rank
         if config.quantize is not None or is_quantized_linear(module):
             # A quantized base dequantizes to float32 exactly, so "auto" keeps float32 columns.
-            layer = quantized_paca_layer(module, name, chosen[name], scaling, config.quantize,
+            layer = quantized_paca_layer(module, chosen[name], scaling, config.quantize,
                                          _resolve_paca_dtype(config, torch.float32), model)
         else:
             layer = PaCALinear(module, chosen[name], scaling,

@@ -141,17 +141,12 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def quantize_linear(linear: nn.Linear, quantize: str, name: str) -> nn.Module:
+def quantize_linear(linear: nn.Linear, quantize: str) -> nn.Module:
     """A bitsandbytes ``Linear4bit``/``Linear8bitLt`` holding ``linear``'s weight quantized.
 
     4-bit uses blocksize 64 with double quantization of the block scales (QLoRA's setting) and
     computes in the layer's original dtype. The bias is kept as it is (same Parameter).
     """
-    if type(linear) is not nn.Linear:
-        layout = "GPT-2 Conv1D (weight stored in x out)" if is_conv1d(linear) else type(linear).__name__
-        raise TypeError(f"PaCAConfig.quantize={quantize!r}: module {name!r} is a {layout}; quantize applies "
-                        "to torch.nn.Linear layers. Load the model with transformers BitsAndBytesConfig "
-                        "instead, or exclude this module")
     bnb = import_bitsandbytes(f"PaCAConfig.quantize={quantize!r}")
     weight, device = linear.weight.detach(), linear.weight.device
     has_bias = linear.bias is not None
@@ -183,32 +178,42 @@ def dense_dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def quantized_paca_layer(module: nn.Module, name: str, paca_indices: torch.Tensor, scaling: float,
+def quantized_paca_layer(module: nn.Module, paca_indices: torch.Tensor, scaling: float,
                          quantize: Optional[str], paca_dtype: torch.dtype, model: nn.Module) -> "QuantizedPaCALinear":
-    """The QPaCA layer for target ``name`` (what `apply_paca` builds for quantized targets).
+    """The QPaCA layer `apply_paca` builds for a quantized target or under ``PaCAConfig.quantize``.
 
     A plain ``nn.Linear`` is quantized first (``quantize`` set); a bitsandbytes layer is wrapped
-    as it is, after checking that its format is the one ``quantize`` asks for (if any).
+    as it is. `check_quantized_targets` has vetted every target before any layer is replaced.
     """
     if quantized_kind(module) is None:
         merge_dtype = module.weight.dtype
-        module = quantize_linear(module, quantize, name)
+        module = quantize_linear(module, quantize)
     else:
-        found = quantization_of(module)
-        if quantize is not None and found != quantize:
-            raise ValueError(f"PaCAConfig.quantize={quantize!r}, but module {name!r} is already quantized "
-                             f"as {found}; set quantize={found!r} or None for this model")
         merge_dtype = dense_dtype_of(model)
     return QuantizedPaCALinear(module, paca_indices, scaling, paca_dtype, merge_dtype)
 
 
-def check_quantized_selection(selection: str, targets: dict) -> None:
-    """Gradient selection needs dL/dW of each target, which a quantized weight cannot hold."""
+def check_quantized_targets(selection: str, quantize: Optional[str], targets: dict) -> None:
+    """Reject, before `apply_paca` changes any layer, what QPaCA cannot do with these targets."""
     quantized = sorted(name for name, module in targets.items() if is_quantized_linear(module))
     if selection == "gradient" and quantized:
+        # Gradient selection needs dL/dW of each target, which a quantized weight cannot hold.
         raise ValueError(f"selection='gradient' needs full-precision weights, but {quantized[:3]} "
                          "are already quantized. Load the model unquantized and set PaCAConfig.quantize "
                          "(selection runs before quantization), or use selection='random'/'weight_norm'")
+    if quantize is None:
+        return
+    for name, module in targets.items():
+        if is_quantized_linear(module):
+            found = quantization_of(module)
+            if found != quantize:
+                raise ValueError(f"PaCAConfig.quantize={quantize!r}, but module {name!r} is already quantized "
+                                 f"as {found}; set quantize={found!r} or None for this model")
+        elif type(module) is not nn.Linear:
+            layout = "GPT-2 Conv1D (weight stored in x out)" if is_conv1d(module) else type(module).__name__
+            raise TypeError(f"PaCAConfig.quantize={quantize!r}: module {name!r} is a {layout}; quantize "
+                            "applies to torch.nn.Linear layers. Load the model with transformers "
+                            "BitsAndBytesConfig instead, or exclude this module")
 
 
 def _check_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
@@ -393,7 +398,7 @@ class QuantizedPaCALinear(PaCALinear):
         if not requantize:
             return dense
         if self.kind == "8bit":
-            return quantize_linear(dense, "int8", type(base).__name__)
+            return quantize_linear(dense, "int8")
         state = _quant_state(base)
         bnb = import_bitsandbytes("requantize=True")
         layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None,

@@ -294,8 +294,10 @@ def test_unsupported_quantized_layer_types_are_named():
 
 
 def test_quantize_rejects_conv1d_mismatched_formats_gradient_selection_and_bad_names(checkpoint):
+    gpt2 = make_tiny_gpt2()
     with pytest.raises(TypeError, match=r"'transformer.h.0.attn.c_attn' is a GPT-2 Conv1D"):
-        apply_paca(make_tiny_gpt2(), PaCAConfig(rank=4, quantize="int8"))
+        apply_paca(gpt2, PaCAConfig(rank=4, quantize="int8"))
+    assert not list(paca_layers(gpt2))  # rejected before any layer was replaced
     with pytest.raises(ValueError, match=r"quantize='int8', but module .* is already quantized as nf4"):
         apply_paca(load_4bit(checkpoint, "nf4", False), PaCAConfig(rank=4, quantize="int8"))
     with pytest.raises(ValueError, match=r"selection='gradient' needs full-precision weights"):
