@@ -363,11 +363,17 @@ class QuantizedPaCALinear(PaCALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
-            dtype = self.compute_dtype_for(x)
-            y = F.linear(x.to(dtype), self.dequantized_weight(dtype),
-                         None if self.bias is None else self.bias.to(dtype))
-            return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+            return self._linear_without_autograd_function(x, self.dequantized_weight)
+        if not torch.is_grad_enabled():  # eval/generation: nothing to save for backward
+            return self._linear_without_autograd_function(
+                x, lambda dtype: self.effective_weight(self.paca_weight, dtype))
         return QuantizedPaCAFunction.apply(x, self.paca_weight, self.bias, self)
+
+    def _linear_without_autograd_function(self, x: torch.Tensor, weight_in) -> torch.Tensor:
+        """Same dtypes as `QuantizedPaCAFunction`; ``weight_in(dtype)`` builds the weight."""
+        dtype = self.compute_dtype_for(x)
+        y = F.linear(x.to(dtype), weight_in(dtype), None if self.bias is None else self.bias.to(dtype))
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     @torch.no_grad()
     def set_paca_enabled(self, enabled: bool) -> None:
