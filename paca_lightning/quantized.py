@@ -301,7 +301,8 @@ class QuantizedPaCALinear(PaCALinear):
             state = _quant_state(base)
             if getattr(state, "packing_format_for_cpu", False):
                 # bitsandbytes repacks 4-bit weights for its fused CPU inference kernel on an eval
-                # forward; PaCA dequantizes the standard layout, so restore it (values unchanged).
+                # forward without grad, rounding the block scales to bfloat16 as it does. PaCA
+                # dequantizes the standard layout: restore it, with the scales as bitsandbytes left them.
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
                 base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
                     base.weight.data, state)
