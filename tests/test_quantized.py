@@ -323,3 +323,20 @@ def test_gradient_checkpointing_under_autocast_recomputes_the_same_gradients():
     assert all(grad.dtype == torch.float32 and grad.abs().sum() > 0 for grad in grads[0].values())
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), name
+
+
+@pytest.mark.skipif(not bnb_functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_a_base_repacked_by_a_cpu_eval_forward_is_restored_to_the_standard_layout():
+    base = nn.Linear(64, 64)
+    model = apply_paca(nn.Sequential(base), PaCAConfig(rank=4, target_modules=["0"], quantize="nf4"))
+    before = model[0].dequantized_weight(torch.float32)
+    quantized = unload_paca(model)[0]
+    quantized.eval()
+    with torch.no_grad():
+        quantized(torch.randn(4, 64))
+    assert quantized.weight.quant_state.packing_format_for_cpu
+    apply_paca(model, PaCAConfig(rank=4, target_modules=["0"]))
+    restored = model[0].dequantized_weight(torch.float32)
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    # Same values up to the block scales bitsandbytes rounded to bfloat16 while repacking.
+    torch.testing.assert_close(restored, before, rtol=1e-2, atol=1e-2 * before.abs().max().item())
