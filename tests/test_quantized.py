@@ -340,3 +340,10 @@ def test_a_base_repacked_by_a_cpu_eval_forward_is_restored_to_the_standard_layou
     assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
     # Same values up to the block scales bitsandbytes rounded to bfloat16 while repacking.
     torch.testing.assert_close(restored, before, rtol=1e-2, atol=1e-2 * before.abs().max().item())
+
+
+def test_weight_norm_selection_on_a_loaded_base_ranks_dequantized_columns(checkpoint):
+    model = apply_paca(load(checkpoint, load_in_8bit=True), PaCAConfig(rank=4, selection="weight_norm"))
+    for name, layer in paca_layers(model):
+        expected = torch.topk(bnb_dequantized(layer).norm(dim=0), 4).indices.sort().values
+        assert torch.equal(layer.paca_indices, expected), name
