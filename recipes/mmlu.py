@@ -14,6 +14,7 @@ from paca_lightning.data.mmlu import MMLUDataModule, MMLUEvaluation
 from recipe_cli import RecipeCLI
 
 DEMO_DEFAULTS = {
+    "cpu_threads": 1,  # tiny matrices: see recipes/oasst1.py
     "model.model": str(TINY_LLAMA_DIR),
     "model.paca": {"rank": 16, "alpha": 64, "target_modules": "all-linear", "seed": 0},
     "model.learning_rate": 1e-3,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from paca_lightning import PaCAFineTuneModule
@@ -100,7 +101,7 @@ class RecipeReport(L.Callback):
         lines = [f"training loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
                  f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"]
         if self.seconds:
-            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s "
+            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s per process "
                          f"({self.tokens:,} tokens in {self.seconds:.1f} s, first step excluded)")
         for when, text in self.samples.items():
             lines.append(f"sample {when} fine-tuning, user: {self.sample_prompt!r}\n  assistant: {text.strip()!r}")
@@ -126,6 +127,10 @@ class RecipeCLI(LightningCLI):
         super().__init__(PaCAFineTuneModule, datamodule_class, args=args, save_config_kwargs={"overwrite": True},
                          run=False)
 
+    def before_instantiate_classes(self) -> None:
+        if self.config.get("cpu_threads"):
+            torch.set_num_threads(self.config.cpu_threads)
+
     def fit(self) -> L.Trainer:
         """Train with the parsed configuration, then print the report."""
         self.trainer.fit(self.model, datamodule=self.datamodule)
@@ -133,6 +138,8 @@ class RecipeCLI(LightningCLI):
         return self.trainer
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--cpu_threads", type=Optional[int], default=None,
+                            help="torch intra-op threads (torch.set_num_threads); default: torch's choice")
         parser.link_arguments("model.model", "data.tokenizer")
         parser.add_lightning_class_args(RecipeReport, "report")
         for name, callback_class in self.extra_callbacks.items():
@@ -141,6 +148,7 @@ class RecipeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer, report = self.trainer, self._report_callback()
+        log_dir = trainer.log_dir  # a collective in distributed runs: every rank must ask
         if not trainer.is_global_zero:
             return
         root = Path(trainer.default_root_dir).resolve()
@@ -155,7 +163,7 @@ class RecipeCLI(LightningCLI):
             getattr(trainer.checkpoint_callback, "last_model_path", "")
         if checkpoint:
             outputs.append(("checkpoint", Path(checkpoint).resolve()))
-        outputs.append(("config", Path(trainer.log_dir or root).resolve() / "config.yaml"))
+        outputs.append(("config", Path(log_dir or root).resolve() / "config.yaml"))
         lines += [f"{label + ':':<14}{path}" for label, path in outputs]
         lines.append("=" * 72)
         print("\n".join(lines), flush=True)

@@ -66,7 +66,7 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerBase:
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
         raise OSError(f"could not load a tokenizer from {str(name_or_path)!r}: {error}\nGive a local "
                       "directory holding tokenizer.json/tokenizer_config.json, or a hub name while "
                       "online (HF_HUB_OFFLINE must be unset).") from None

@@ -1,0 +1,37 @@
+"""The byte-level tokenizer: deterministic build, lossless on any text, chat template, padding."""
+
+import pytest
+
+from paca_lightning.data import TINY_LLAMA_DIR
+from paca_lightning.data.tokenizer import ROLE_TOKENS, build_byte_level_tokenizer, load_tokenizer
+
+CORPUS = ["The quick brown fox jumps over the lazy dog. " * 4, "Packing puts conversations in one row. " * 4]
+
+
+def test_build_is_deterministic_and_round_trips_text_in_any_script():
+    first, second = build_byte_level_tokenizer(CORPUS, 300), build_byte_level_tokenizer(CORPUS, 300)
+    assert first.get_vocab() == second.get_vocab()
+    text = "Grüße, ¿qué tal? 東京 🙂 tab\tand\nnewline"
+    ids = first(text, add_special_tokens=False)["input_ids"]
+    assert first.decode(ids) == text and first.unk_token_id is None
+
+
+def test_role_markers_are_single_special_tokens_in_the_chat_template():
+    tokenizer = build_byte_level_tokenizer(CORPUS, 300)
+    for role in ROLE_TOKENS:
+        assert len(tokenizer(role, add_special_tokens=False)["input_ids"]) == 1
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "<s><|user|>\nHi</s>\n<|assistant|>\n"
+
+
+def test_vocabulary_too_small_for_bytes_and_specials_is_rejected():
+    with pytest.raises(ValueError, match="at least 262"):
+        build_byte_level_tokenizer(CORPUS, 100)
+
+
+def test_shipped_tokenizer_loads_with_a_pad_token_and_a_missing_one_names_the_path(tmp_path):
+    tokenizer = load_tokenizer(TINY_LLAMA_DIR)
+    assert tokenizer.pad_token == "<pad>" and tokenizer.chat_template
+    with pytest.raises(OSError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
