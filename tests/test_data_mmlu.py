@@ -77,10 +77,10 @@ def test_exemplars_come_from_the_same_subject_and_drop_to_fit(tokenizer):
 
 def test_letter_answers_are_accepted_and_malformed_rows_counted():
     skipped = SkipCounter()
-    rows = [dict(OCEAN, answer="C"), dict(OCEAN, choices=["only", "three", "choices"]), dict(OCEAN, answer=7),
-            {"subject": "x", "choices": ["a", "b", "c", "d"], "answer": 0}]
+    rows = [dict(OCEAN, answer="C"), {"train": dict(CAPITAL)}, dict(OCEAN, choices=["only", "three", "choices"]),
+            dict(OCEAN, answer=7), {"subject": "x", "choices": ["a", "b", "c", "d"], "answer": 0}]
     kept = normalize_rows(rows, skipped)
-    assert [row["answer"] for row in kept] == [2]
+    assert [row["answer"] for row in kept] == [2, 1]
     assert sum(skipped.values()) == 3
 
 

@@ -45,7 +45,13 @@ LETTERS = ("A", "B", "C", "D")
 
 
 def normalize_row(row: dict) -> Optional[dict]:
-    """The row with ``answer`` as an int 0-3, or ``None`` when it does not fit the schema."""
+    """The row with ``answer`` as an int 0-3, or ``None`` when it does not fit the schema.
+
+    Rows of the hub's separate ``auxiliary_train`` configuration nest the fields under
+    ``"train"``; they are unwrapped.
+    """
+    if "question" not in row and isinstance(row.get("train"), dict):
+        row = row["train"]
     question, choices, answer = row.get("question"), row.get("choices"), row.get("answer")
     if not isinstance(question, str) or not question.strip():
         return None
