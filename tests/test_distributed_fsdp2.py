@@ -60,6 +60,12 @@ def test_lightning_fsdp2_resume_from_adapter_only_checkpoint_continues_like_the_
     assert results(LIGHTNING)["fsdp2_resumed_error"] < TOLERANCE
 
 
+def test_lightning_fsdp2_num_nodes_times_devices_form_one_data_parallel_mesh():
+    found = results(LIGHTNING)
+    assert found["fsdp2_two_nodes_mesh_size"] == 2
+    assert found["fsdp2_two_nodes_step2_error"] < TOLERANCE
+
+
 def test_lightning_fsdp2_resume_from_one_full_checkpoint_file_continues_like_the_single_process_run():
     # PaCAModelParallelStrategy(save_distributed_checkpoint=False): rank 0 writes one file
     found = results(LIGHTNING)

@@ -29,9 +29,20 @@ def run_torchrun(script: str, out_dir: Path, *args: str, timeout: float = 300) -
                              f"{result.stderr[-8000:]}")
 
 
-@functools.lru_cache(maxsize=None)
 def results(script: str) -> dict:
-    """The findings ``script`` writes to ``<out_dir>/results.json`` (rank 0), run once."""
+    """The findings ``script`` writes to ``<out_dir>/results.json`` (rank 0), run once; a failed
+    run fails every test that asks, without being launched again."""
+    outcome = _launch(script)
+    if isinstance(outcome, AssertionError):
+        raise outcome
+    return outcome
+
+
+@functools.lru_cache(maxsize=None)
+def _launch(script: str):
     out_dir = Path(tempfile.mkdtemp(prefix=f"paca_{Path(script).stem}_"))
-    run_torchrun(script, out_dir)
+    try:
+        run_torchrun(script, out_dir)
+    except (AssertionError, subprocess.TimeoutExpired) as error:
+        return AssertionError(str(error))
     return json.loads((out_dir / "results.json").read_text())

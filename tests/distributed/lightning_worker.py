@@ -11,6 +11,7 @@ with a single process training on the same global batches. Rank 0 writes OUT_DIR
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -71,9 +72,10 @@ def strategy(kind: str):
     return "ddp"
 
 
-def fit(kind: str, root: Path, max_steps: int, ckpt_path=None) -> PaCAFineTuneModule:
+def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 1) -> PaCAFineTuneModule:
     trained = module()
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy(kind), max_steps=max_steps,
+    trainer = Trainer(accelerator="cpu", devices=2 // num_nodes, num_nodes=num_nodes, strategy=strategy(kind),
+                      max_steps=max_steps,
                       default_root_dir=str(root), logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[PaCACallback(CONFIG, log_throughput=False)])
@@ -118,6 +120,13 @@ def main(out: Path) -> None:
                 results[f"{kind}_merged_logits_error"] = (merged(ids).logits - expected(ids).logits).abs().max().item()
             results[f"{kind}_merged_has_no_paca_keys"] = not any("paca" in k for k in merged.state_dict())
         dist.barrier()
+    # torchrun's 2 local processes presented as 2 nodes x 1 device (what torchrun sets on each
+    # of 2 nodes): the data-parallel mesh must span num_nodes x devices (Lightning's own default
+    # would make it num_nodes x 1, tensor-parallel within the node)
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(dist.get_rank()))
+    two_nodes = fit("fsdp2", out / "two_nodes", max_steps=2, num_nodes=2)
+    results["fsdp2_two_nodes_mesh_size"] = two_nodes.trainer.strategy.device_mesh["data_parallel"].size()
+    results["fsdp2_two_nodes_step2_error"] = column_error(gathered_columns(two_nodes), refs[2])
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -188,6 +188,8 @@ def main(out: Path) -> None:
     except RuntimeError as error:
         results["fsdp2_conv1d_default_placement_error"] = str(error)
 
+    model, _ = run_fsdp1(tiny_gpt2, delta=True)
+    results["fsdp1_gpt2_error"] = error_against(model, refs["gpt2"])
     model, optimizer = run_fsdp1(tiny_llama, delta=True)
     results["fsdp1_llama_error"] = error_against(model, refs["llama"])
     results["fsdp1_memory"] = memory_report(model, optimizer, global_batches()[0], tiny_llama)
