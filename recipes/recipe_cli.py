@@ -65,7 +65,11 @@ class RecipeReport(L.Callback):
             self.seconds += time.perf_counter() - self._step_started
             mask = batch.get("attention_mask")  # packed rows have none: they are (nearly) all tokens
             self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self.tokens_per_second = self.tokens / self.seconds if self.seconds else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Input tokens per second of training steps on this process (the first step excluded)."""
+        return self.tokens / self.seconds if self.seconds else float("nan")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sample(pl_module, "after")
