@@ -16,11 +16,14 @@ What the callback does, hook by hook:
   so the optimizer never steps on it and the last good checkpoint stays the last one; writes
   the trained columns into the weights after every optimizer step when forward-time syncing is
   off (``torch.compile``, sharded training); logs tokens/s, samples/s and the device's peak
-  memory.
+  memory; seeds torch's RNG per batch from the batch's position in the run, so dropout does
+  not depend on what ran before (see ``seed_each_batch``).
 - checkpoints: with ``adapter_only_checkpoints`` the saved state dict holds only the trainable
   tensors (megabytes instead of the whole model) and the column indices go to a ``"paca"``
-  entry that loading verifies; the callback's own state carries the RNG states, so resuming
-  replays dropout exactly.
+  entry that loading verifies; with the base seed, the optimizer/scheduler state Lightning
+  saves and a `StatefulDataLoader`'s position, a resumed run is bit-identical to one that
+  never stopped (a checkpoint from an epoch's last batch is repaired on load, see
+  `_resume_finished_epoch_at_next_epoch`).
 - ``on_fit_end``: writes ``<default_root_dir>/paca_adapter/`` (`save_adapter` files) and
   ``<default_root_dir>/merged/`` (``save_pretrained`` model and tokenizer, loadable without
   this package).
@@ -28,7 +31,7 @@ What the callback does, hook by hook:
 
 from __future__ import annotations
 
-import random
+import hashlib
 import resource
 import sys
 import time
@@ -37,11 +40,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from .adapter import save_adapter
@@ -137,12 +139,19 @@ class PaCACallback(Callback):
             ``save_pretrained`` format, with the module's ``tokenizer`` attribute if it has one.
         log_throughput: log ``train/tokens_per_s``, ``train/samples_per_s`` and
             ``train/peak_memory_gb`` every ``trainer.log_every_n_steps`` optimizer steps.
+        seed_each_batch: seed torch's global RNG before every training batch from the run's
+            base seed and the batch's position (epoch, step, batch index). Dropout masks then
+            depend only on where a batch is in the run, not on what else drew random numbers
+            before it (a validation pass, a data-loader iterator created on resume), which is
+            what makes a resumed run bit-identical. The base seed is ``torch.initial_seed()``
+            when the callback is created (``seed_everything`` sets it) and is checkpointed.
     """
 
     def __init__(self, config: PaCAConfig, *, model_attribute: Optional[str] = None,
                  calibration: Optional[Calibration] = None, adapter_only_checkpoints: bool = True,
                  atomic_checkpoints: bool = True, save_adapter_on_fit_end: bool = True,
-                 save_merged_on_fit_end: bool = True, log_throughput: bool = True) -> None:
+                 save_merged_on_fit_end: bool = True, log_throughput: bool = True,
+                 seed_each_batch: bool = True) -> None:
         if not isinstance(config, PaCAConfig):
             raise TypeError(f"PaCACallback needs a PaCAConfig, got {type(config).__name__}")
         self.config = config
@@ -153,6 +162,8 @@ class PaCACallback(Callback):
         self.save_adapter_on_fit_end = save_adapter_on_fit_end
         self.save_merged_on_fit_end = save_merged_on_fit_end
         self.log_throughput = log_throughput
+        self.seed_each_batch = seed_each_batch
+        self._base_seed = torch.initial_seed()
         self.model: Optional[nn.Module] = None
         self._window_start: Optional[float] = None
         self._window_tokens = self._window_samples = 0
@@ -292,28 +303,17 @@ class PaCACallback(Callback):
                 raise ValueError(f"adapter-only checkpoint does not fit {type(pl_module).__name__}: missing "
                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
         sync_paca_columns(model)
+        _resume_finished_epoch_at_next_epoch(trainer, checkpoint)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.seed_each_batch:
+            torch.manual_seed(batch_seed(self._base_seed, trainer.current_epoch, trainer.global_step, batch_idx))
 
     def state_dict(self) -> dict[str, Any]:
-        """The RNG states, so dropout and sampling continue exactly after a resume.
-
-        Only tensors, strings and numbers: the checkpoint stays loadable with ``weights_only=True``.
-        """
-        generator, keys, position, has_gauss, cached_gauss = np.random.get_state()
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": (generator, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss)}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return {"rng": state}
+        return {"base_seed": self._base_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rng = state_dict["rng"]
-        torch.set_rng_state(rng["torch"])
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-        generator, keys, position, has_gauss, cached_gauss = rng["numpy"]
-        np.random.set_state((generator, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._base_seed = int(state_dict["base_seed"])
 
     # --------------------------------------------------------------------------- fit end
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -354,6 +354,42 @@ def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def _resume_finished_epoch_at_next_epoch(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint taken at an epoch's last batch resume exactly at the next epoch's start.
+
+    Lightning 2.6 counts such a checkpoint's epoch as unfinished and, on resume, runs an empty
+    extra epoch: every later epoch number is one too high, and a `StatefulDataLoader` restored
+    at the end of its pass spends that empty epoch on it. The callback's ``on_load_checkpoint``
+    runs before Lightning restores the loops, so the loop state is rewritten to "epoch done"
+    (Lightning's own epoch loop already resets the batch counters of a full epoch) and the data
+    loader's iterator is marked finished, so its next pass starts from the restored sampler
+    state. Proven for iteration-based runs (``max_steps``), the usual way to fine-tune; for
+    ``max_epochs`` runs Lightning does not reload data-loader state from an epoch it considers
+    finished, so such a resume replays the epoch's data and the callback says so.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop or not fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        return
+    if trainer.max_steps == -1:
+        rank_zero_warn("PaCACallback: this checkpoint was saved at the last batch of an epoch; Lightning "
+                       "resumes it inexactly in epoch-based runs (the epoch's data order is replayed). Set "
+                       "Trainer(max_steps=...) for an exact resume, or resume from an earlier checkpoint")
+        return
+    fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
+    for scope in fit_loop["epoch_progress"].values():
+        for counter in ("ready", "processed", "completed"):
+            scope[counter] = scope["started"]
+    for loader_state in fit_loop.get("state_dict", {}).get("combined_loader", []):
+        if isinstance(loader_state, dict) and "_iterator_finished" in loader_state:
+            loader_state["_iterator_finished"] = True
+
+
+def batch_seed(base_seed: int, epoch: int, step: int, batch_idx: int) -> int:
+    """A well-mixed 63-bit seed for the training batch at (epoch, step, batch_idx) of a run."""
+    digest = hashlib.sha256(f"{base_seed}:{epoch}:{step}:{batch_idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _overrides_configure_model(pl_module: LightningModule) -> bool:
