@@ -112,8 +112,12 @@ def loss_function(loss: str, chunk_size: int = 1024) -> Callable[[nn.Module, dic
     raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
 
 
-def train_step(trainee: Trainee, compute_loss: Callable, batch: dict, after_backward: Callable = lambda: None) -> float:
-    """Forward, backward and (when anything trains) an AdamW step; returns the loss."""
+def train_step(trainee: Trainee, compute_loss: Callable, batch: dict,
+               after_backward: Callable = lambda: None) -> torch.Tensor:
+    """Forward, backward and (when anything trains) an AdamW step; returns the detached loss.
+
+    ``after_backward`` runs between backward and the optimizer step (HPU lazy mode marks a step there).
+    """
     loss = compute_loss(trainee.causal_lm, batch)
     loss.backward()
     after_backward()

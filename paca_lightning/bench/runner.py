@@ -75,8 +75,14 @@ class BenchOptions:
         """The budget for the longest-sequence search: the option, else a default per device."""
         if self.memory_budget_gib is not None:
             return int(self.memory_budget_gib * 2**30)
-        if ops.tracks_allocations:  # 90% of the accelerator: what a user could actually fill
-            return int(0.9 * ops.backend.get_device_properties(ops.device).total_memory)
+        if ops.type == "cuda":  # 90% of the accelerator: what a user could actually fill
+            return int(0.9 * torch.cuda.get_device_properties(ops.device).total_memory)
+        if ops.type == "hpu":
+            limit = ops.backend.memory_stats().get("Limit")
+            if not limit:
+                raise RuntimeError("habana_frameworks' memory_stats() reports no 'Limit' for this HPU; "
+                                   "give the budget with --memory-budget-gib")
+            return int(0.9 * limit)
         return 2**30  # CPU: 1 GiB keeps the search's forward passes short on a small machine
 
 
