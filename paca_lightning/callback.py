@@ -31,6 +31,7 @@ What the callback does, hook by hook:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import resource
 import sys
@@ -49,7 +50,8 @@ from torch import nn
 from .adapter import save_adapter
 from .checkpoint import AtomicCheckpointIO
 from .config import PaCAConfig
-from .model import apply_paca, paca_layers, sync_paca_columns, trainable_parameters
+from .model import apply_paca, merge_paca, paca_layers, sync_paca_columns, trainable_parameters
+from .quantized import QuantizedPaCALinear
 from .selection import Calibration
 
 ADAPTER_DIRNAME = "paca_adapter"
@@ -342,14 +344,23 @@ def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
 
     The weights already hold the trained columns (the PaCA invariant), so the merged state dict
     is the model's own minus PaCA's extra tensors: nothing is copied and training can continue.
+    QPaCA models (quantized base) are merged on a copy into dense layers (`merge_paca`).
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; a merged export needs a "
                         "transformers model (disable it with save_merged_on_fit_end=False)")
+    directory = Path(directory)
+    if any(isinstance(layer, QuantizedPaCALinear) for _, layer in paca_layers(model)):
+        # A quantized base does not hold the trained columns; merging builds dense layers (a copy,
+        # so the live model keeps training). Their dtype is the model's other parameters'.
+        merged = merge_paca(copy.deepcopy(model))
+        merged.save_pretrained(directory)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(directory)
+        return directory
     sync_paca_columns(model)
     state = {key: value for key, value in model.state_dict().items()
              if not key.endswith((".paca_weight", _INDICES_SUFFIX, _DERIVED_BUFFER_SUFFIX))}
-    directory = Path(directory)
     model.save_pretrained(directory, state_dict=state)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)

@@ -177,3 +177,14 @@ def test_the_model_is_found_by_type_or_by_the_attribute_named():
 def test_callback_requires_a_paca_config():
     with pytest.raises(TypeError, match="needs a PaCAConfig, got dict"):
         PaCACallback({"rank": 4})
+
+
+def test_a_qpaca_run_exports_a_dense_merged_model_equal_to_the_trained_one(tmp_path):
+    module = PaCAFineTuneModule(make_tiny_llama(), PaCAConfig(rank=4, alpha=8, quantize="nf4"), learning_rate=1e-2)
+    quiet_trainer(tmp_path, max_steps=2).fit(module, loader(token_examples(4), 2))
+    module.model.eval()
+    input_ids = token_examples(1, seed=3)[0]["input_ids"][None]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(type(layer).__name__ == "Linear" for layer in merged.model.layers[0].mlp.children()
+               if hasattr(layer, "weight"))
+    torch.testing.assert_close(merged(input_ids=input_ids).logits, module.model(input_ids=input_ids).logits)
