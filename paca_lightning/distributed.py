@@ -103,6 +103,18 @@ def paca_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Optional[
     return placement
 
 
+def _refuse_uneven_conv1d(model: nn.Module, mesh) -> None:
+    """FSDP2 shards dim 1 only evenly; a Conv1D whose output size the shard count does not divide
+    cannot be sharded like its ``paca_weight`` rows, so it is refused before anything is sharded."""
+    shards = dist.get_world_size() if mesh is None else mesh.size(mesh.ndim - 1)
+    for name, layer in paca_layers(model):
+        if layer.transposed and layer.out_features % shards:
+            raise ValueError(f"PaCA Conv1D layer {name!r} has {layer.out_features} outputs, which {shards} FSDP2 "
+                             "shards cannot split evenly; FSDP2 shards a Conv1D weight's output dim (dim 1) "
+                             "evenly only. Use a shard count dividing it, DDP, or leave the layer out of "
+                             "PaCAConfig.target_modules (a frozen Conv1D shards on dim 0 as usual)")
+
+
 def decoder_layers(model: nn.Module, layer_classes: Optional[Iterable[Union[type, str]]] = None) -> list[nn.Module]:
     """The repeated blocks to shard one by one: ``layer_classes``, or the classes a transformers
     model names in ``_no_split_modules`` (its decoder layer, e.g. ``LlamaDecoderLayer``)."""
@@ -144,6 +156,7 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
     _refuse_quantized([model], "FSDP2")
+    _refuse_uneven_conv1d(model, mesh)
     blocks = decoder_layers(model, layer_classes)
     set_paca_auto_sync(model, False)
     kwargs: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
@@ -326,7 +339,8 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
     state = merged_state_dict(model, root)
     if _rank() == 0:
         # fully_shard swaps the class for an "FSDP<Name>" subclass; build the user's class.
-        model_class = next(c for c in type(inner).__mro__ if "FSDP" not in c.__name__)
+        from torch.distributed.fsdp import FSDPModule
+        model_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
         with torch.device("meta"):
             plain = model_class._from_config(config)
         plain.load_state_dict(state, strict=True, assign=True)

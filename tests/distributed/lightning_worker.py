@@ -33,7 +33,7 @@ CONFIG = PaCAConfig(rank=4, alpha=8, target_modules="all-linear")
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=99, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                         max_position_embeddings=64))
 

@@ -26,17 +26,17 @@ STEPS, PER_RANK, LENGTH, VOCAB = 3, 2, 12, 128
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    # intermediate 100, 2 kv heads: output dims that do not split evenly over 2 ranks (k/v 32,
-    # down 64, gate/up 100 split evenly; q 64), and a rank-sized FSDP padding case for gate/up.
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+    # intermediate 99: gate/up have 99 output rows, which FSDP splits 50/49 (padded) over 2
+    # ranks; W and P must still get the same rows
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=99, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                         max_position_embeddings=64))
 
 
-def tiny_gpt2() -> nn.Module:
+def tiny_gpt2(n_inner: int = 128) -> nn.Module:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_inner=n_inner, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                      n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def adapted(make) -> nn.Module:
@@ -113,7 +113,11 @@ def memory_report(model, optimizer, batch, make) -> dict[str, int]:
                      if torch.is_tensor(v) and v.ndim > 0)
     optimizer.zero_grad(set_to_none=True)
     whole = list(adapted(make).parameters())
-    return {"grad_bytes": grads, "optimizer_state_bytes": state,
+    world = dist.get_world_size()
+    # FSDP2 pads dim 0 to a multiple of the world size: a rank's share is ceil(rows / world) rows
+    padded_share = sum(-(-p.shape[0] // world) * (p.numel() // p.shape[0]) * p.element_size()
+                       for p in whole if p.requires_grad)
+    return {"grad_bytes": grads, "optimizer_state_bytes": state, "trainable_share_bytes_padded": padded_share,
             "trainable_param_bytes_global": sum(p.numel() * p.element_size() for p in whole if p.requires_grad),
             "param_bytes_local": bytes_of(model.parameters()),
             "param_bytes_global": sum(p.numel() * p.element_size() for p in whole)}
@@ -187,6 +191,13 @@ def main(out: Path) -> None:
         results["fsdp2_conv1d_default_placement_error"] = None
     except RuntimeError as error:
         results["fsdp2_conv1d_default_placement_error"] = str(error)
+
+    # FSDP2 shards dim 1 evenly only: a Conv1D with 99 outputs over 2 ranks is refused up front
+    try:
+        shard_paca_model(adapted(lambda: tiny_gpt2(n_inner=99)))
+        results["fsdp2_conv1d_uneven_error"] = None
+    except ValueError as error:
+        results["fsdp2_conv1d_uneven_error"] = str(error)
 
     model, _ = run_fsdp1(tiny_gpt2, delta=True)
     results["fsdp1_gpt2_error"] = error_against(model, refs["gpt2"])
