@@ -211,3 +211,12 @@ def test_chunked_loss_refuses_models_with_transformed_logits():
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         module.compute_loss(token_examples(1)[0] | {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                     "labels": torch.zeros(1, 4, dtype=torch.long)})
+
+
+def test_compiled_model_trains_like_the_eager_one_and_syncs_columns_outside_forward(tmp_path):
+    examples = token_examples(8)
+    eager, _ = _fit(tmp_path / "a", examples, max_steps=3)
+    compiled, _ = _fit(tmp_path / "b", examples, max_steps=3, module_options=dict(compile=True))
+    assert not any(layer.auto_sync for _, layer in paca_layers(compiled.model))
+    assert_columns_in_weights(compiled.model)  # written by the callback after each optimizer step
+    _assert_same_columns(trained_columns(eager.model), trained_columns(compiled.model), exact=False)
