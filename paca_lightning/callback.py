@@ -229,6 +229,8 @@ class PaCACallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         sync_paca_columns(self._require_model())  # covers values restored by load_state_dict
         self._window_start, self._window_tokens, self._window_samples = None, 0, 0
+        if trainer.checkpoint_callbacks:
+            _warn_if_resume_cannot_be_exact(trainer.train_dataloader)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _sync_stale_columns(self._require_model())
@@ -309,7 +311,8 @@ class PaCACallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.seed_each_batch:
-            torch.manual_seed(batch_seed(self._base_seed, trainer.current_epoch, trainer.global_step, batch_idx))
+            torch.manual_seed(batch_seed(self._base_seed, trainer.global_rank, trainer.current_epoch,
+                                         trainer.global_step, batch_idx))
 
     def state_dict(self) -> dict[str, Any]:
         return {"base_seed": self._base_seed}
@@ -397,10 +400,25 @@ def _resume_finished_epoch_at_next_epoch(trainer: Trainer, checkpoint: dict[str,
             loader_state["_iterator_finished"] = True
 
 
-def batch_seed(base_seed: int, epoch: int, step: int, batch_idx: int) -> int:
-    """A well-mixed 63-bit seed for the training batch at (epoch, step, batch_idx) of a run."""
-    digest = hashlib.sha256(f"{base_seed}:{epoch}:{step}:{batch_idx}".encode()).digest()
+def batch_seed(base_seed: int, rank: int, epoch: int, step: int, batch_idx: int) -> int:
+    """A well-mixed 63-bit seed for one process's training batch at (epoch, step, batch_idx)."""
+    digest = hashlib.sha256(f"{base_seed}:{rank}:{epoch}:{step}:{batch_idx}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _warn_if_resume_cannot_be_exact(train_dataloaders: Any) -> None:
+    """Name the data loaders whose position a checkpoint cannot restore exactly."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    for loader in CombinedLoader(train_dataloaders).flattened:
+        if not callable(getattr(loader, "state_dict", None)):
+            rank_zero_warn(f"PaCACallback: the training {type(loader).__name__} has no state_dict, so a "
+                           "checkpoint does not record the data position and resuming mid-epoch repeats or "
+                           "skips batches. Use torchdata.stateful_dataloader.StatefulDataLoader")
+        elif getattr(loader, "generator", None) is not None:
+            rank_zero_warn("PaCACallback: the training StatefulDataLoader was given generator=...; its "
+                           "shuffling after a resume then differs from the uninterrupted run's from the next "
+                           "epoch on. Leave generator unset (seed with seed_everything) for an exact resume")
 
 
 def _overrides_configure_model(pl_module: LightningModule) -> bool:

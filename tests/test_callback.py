@@ -188,3 +188,23 @@ def test_a_qpaca_run_exports_a_dense_merged_model_equal_to_the_trained_one(tmp_p
     assert all(type(layer).__name__ == "Linear" for layer in merged.model.layers[0].mlp.children()
                if hasattr(layer, "weight"))
     torch.testing.assert_close(merged(input_ids=input_ids).logits, module.model(input_ids=input_ids).logits)
+
+
+def test_checkpointed_runs_are_warned_about_data_loaders_that_cannot_resume_exactly(tmp_path):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def fit_with(data):
+        trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=True,
+                                callbacks=[PaCACallback(CONFIG, save_merged_on_fit_end=False)])
+        trainer.fit(ThirdPartyModule(), data)
+
+    with pytest.warns(UserWarning, match="has no state_dict.*StatefulDataLoader"):
+        fit_with(loader(token_examples(4), 2))
+    with pytest.warns(UserWarning, match="was given generator="):
+        fit_with(StatefulDataLoader(token_examples(4), batch_size=2, shuffle=True,
+                                    generator=torch.Generator().manual_seed(0)))
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_with(StatefulDataLoader(token_examples(4), batch_size=2, shuffle=True))
+    assert not [w for w in caught if "PaCACallback" in str(w.message)]
