@@ -148,9 +148,11 @@ class PaCAFineTuneModule(LightningModule):
 
         dtype = getattr(torch, self.dtype_name) if self.dtype_name else torch.float32
         try:
-            return AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
         except OSError as error:
             raise OSError(f"PaCAFineTuneModule could not load model {self.model_name!r}: {error}") from error
+        # from_pretrained returns eval mode; Lightning keeps the mode it finds, so dropout would stay off.
+        return model.train()
 
     def configure_callbacks(self) -> list:
         if any(isinstance(callback, PaCACallback) for callback in self.trainer.callbacks):

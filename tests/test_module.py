@@ -161,6 +161,7 @@ def test_a_named_model_is_loaded_in_configure_model_and_generates(tmp_path):
     assert module.model is None
     module.configure_model()
     assert module.model.dtype == torch.bfloat16 and len(list(paca_layers(module.model))) == 14
+    assert module.model.training  # from_pretrained's eval mode would silently switch dropout off
     text = module.generate("hello", max_new_tokens=5)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
     ids = tokenizer("hello", return_tensors="pt")
