@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write
 from .config import PaCAConfig
 from .model import apply_paca, paca_layers
 from .quantized import is_quantized_linear
@@ -70,24 +70,9 @@ def write_adapter(tensors: dict[str, torch.Tensor], description: dict[str, Any],
     """Write tensors and description from `adapter_state` (or a sharded run's gathered copy)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, str(path),
-                                                                   metadata={"format": FORMAT}))
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda path: Path(path).write_text(json.dumps(description, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(description, indent=2) + "\n"))
     return directory
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -3,21 +3,19 @@
 Lightning's default `TorchCheckpointIO` writes through an fsspec transaction, which moves a
 finished temporary file into place but never ``fsync``s it: after a power loss or a kernel
 panic the renamed file can be empty. `AtomicCheckpointIO` writes the temporary file in the
-target's directory, flushes it to disk, renames it over the target and flushes the directory,
-so ``last.ckpt`` is at every moment either the previous complete checkpoint or the new one.
-A temporary file left by a process killed mid-save is removed by the next save of that file.
+target's directory, flushes it to disk, renames it over the target and flushes the directory
+(`paca_lightning.atomic.atomic_write`), so ``last.ckpt`` is at every moment either the previous
+complete checkpoint or the new one.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,23 +34,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def atomic_torch_save(obj: Any, path) -> None:
     """``torch.save(obj, path)`` such that ``path`` is never left partially written."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    # A process killed mid-save leaves its temporary file behind; the next good save removes it.
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
-        leftover.unlink(missing_ok=True)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -113,3 +115,12 @@ def test_tensors_not_matching_the_config_are_rejected(tmp_path):
 def test_save_refuses_a_model_without_paca(tmp_path):
     with pytest.raises(ValueError, match="no PaCA layers"):
         save_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_adapter_files_get_the_usual_permissions(tmp_path):
+    save_adapter(trained(make_tiny_llama(), PaCAConfig(rank=4)), tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*.partial"))

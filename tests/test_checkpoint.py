@@ -13,8 +13,9 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(tmp_path
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1, "weights": torch.arange(4.0)}, target)
 
-    def crash_after_some_bytes(obj, handle):
-        handle.write(b"PK\x03\x04 half a checkpoint")
+    def crash_after_some_bytes(obj, path):
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_after_some_bytes)
@@ -31,8 +32,9 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_next_s
     script = (
         "import os, signal, sys, torch\n"
         "from paca_lightning.checkpoint import atomic_torch_save\n"
-        "def killed_while_writing(obj, handle):\n"
-        "    handle.write(b'partial bytes'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def killed_while_writing(obj, path):\n"
+        "    handle = open(path, 'wb'); handle.write(b'partial bytes'); handle.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = killed_while_writing\n"
         "atomic_torch_save({'step': 2}, sys.argv[1])\n"
     )
