@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 MIB = 2**20
-RATIO_LABELS = {"step_time_s": "step time", "tokens_per_s": "tokens/s", "saved_bytes": "saved for backward",
-                "flops": "FLOPs", "peak_memory_bytes": "peak memory", "step_memory_bytes": "training memory", "max_sequence_length": "max sequence length"}
+RATIO_LABELS = {"step_time_s": "step time", "step_time_min_s": "fastest step", "tokens_per_s": "tokens/s",
+                "saved_bytes": "saved for backward", "flops": "FLOPs", "peak_memory_bytes": "peak memory",
+                "step_memory_bytes": "training memory", "max_sequence_length": "max sequence length"}
 
 
 def _cell(row: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
@@ -35,24 +36,27 @@ def markdown(report: dict) -> str:
         f"Max sequence length: longest multiple of {options['sequence_granularity']} within "
         f"{report['memory_budget_bytes'] / 2**30:.2f} GiB ({budget_note}).",
         "",
-        "| method | loss | rank | trainable params | step time (s) | tokens/s | saved for backward (MiB) "
+        "| method | loss | rank | trainable params | step time (s) | fastest step (s) | tokens/s "
+        "| saved for backward (MiB) "
         "| GFLOPs | peak memory (MiB) | training memory (MiB) | max seq length |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         lines.append(f"| {row['method']} | {row['loss']} | {row['rank'] if row['rank'] is not None else '-'} "
                      f"| {row['trainable_parameters']:,} | {_cell(row, 'step_time_s', digits=3)} "
+                     f"| {_cell(row, 'step_time_min_s', digits=3)} "
                      f"| {_cell(row, 'tokens_per_s', digits=0)} | {_cell(row, 'saved_bytes', MIB)} "
                      f"| {_cell(row, 'flops', 1e9)} | {_cell(row, 'peak_memory_bytes', MIB)} "
                      f"| {_cell(row, 'step_memory_bytes', MIB)} "
                      f"| {row.get('max_sequence_length', '-')} |")
     for loss, by_method in report["ratios"].items():
         metrics = [m for m in RATIO_LABELS if any(m in values for values in by_method.values())]
-        lines += ["", f"Ratios, {loss} loss (below 1 is better for PaCA, except tokens/s and max sequence length):", "",
+        lines += ["", f"Ratios, {loss} loss (below 1 favours PaCA, except tokens/s and max sequence length):", "",
                   "| ratio | " + " | ".join(RATIO_LABELS[m] for m in metrics) + " |",
                   "|---|" + "---|" * len(metrics)]
         for name, values in by_method.items():
-            lines.append(f"| {name} | " + " | ".join(f"{values[m]:.3f}" if m in values else "-" for m in metrics) + " |")
+            cells = [f"{values[m]:.3f}" if m in values else "-" for m in metrics]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.get("quantized"):
         lines += ["", report["quantized"]["markdown"]]
     return "\n".join(lines) + "\n"
