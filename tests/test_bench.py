@@ -114,7 +114,7 @@ def test_peak_rss_child_reports_the_training_peak(capsys):
 def test_bad_options_are_rejected_with_the_valid_choices():
     with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, dora, paca, floor"):
         run_benchmark(BenchOptions(model="tiny", methods=["paca", "qlora"]))
-    with pytest.raises(ValueError, match="--sequence-length must be >= 1"):
+    with pytest.raises(ValueError, match="--sequence-length .sequence_length. must be >= 1"):
         run_benchmark(BenchOptions(model="tiny", sequence_length=0))
     with pytest.raises(ValueError, match="neither a preset"):
         run_benchmark(BenchOptions(model="/nonexistent/model-dir", methods=["paca"]))

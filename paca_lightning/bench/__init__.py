@@ -9,7 +9,8 @@ shipped with the package and plots their loss curves. QLoRA vs QPaCA is measured
 
 Modules: `models` (presets and loading), `methods` (preparing each method, the losses),
 `measure` (one function per figure), `runner` (the interleaved run), `report` (Markdown, JSON,
-plots), `convergence` (loss curves), `peak_rss` (the CPU peak-memory child process).
+plots), `convergence` (loss curves), `peak_rss` (the CPU peak-memory child process),
+`quantized` (QLoRA vs QPaCA).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def median(values: list[float]) -> float:
 
 
 def child_peak_rss(spec: dict, timeout_s: float = 1800) -> dict:
-    """Run `_peak_rss_main` in a fresh Python process; returns its JSON report."""
+    """Run `paca_lightning.bench.peak_rss` in a fresh Python process; returns its JSON report."""
     command = [sys.executable, "-m", "paca_lightning.bench.peak_rss", json.dumps(spec)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
