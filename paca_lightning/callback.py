@@ -213,12 +213,7 @@ class PaCACallback(Callback):
         pl_module.configure_model = types.MethodType(configure_model, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        model = self._require_model()
-        report = trainable_parameters(model)
-        rank_zero_info(f"PaCA: {report}")
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"paca/trainable_params": report.trainable,
-                                    "paca/total_params": report.total, "paca/trainable_percent": report.percent})
+        log_trainable_report(trainer, self._require_model(), "PaCA")
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
@@ -340,6 +335,19 @@ class PaCACallback(Callback):
             if self.save_merged_on_fit_end:
                 save_merged(model, root / MERGED_DIRNAME, getattr(pl_module, "tokenizer", None))
         trainer.strategy.barrier("paca_fit_end_export")
+
+
+def log_trainable_report(trainer: Trainer, model: nn.Module, method: str) -> None:
+    """Print ``"<method>: trainable params: ..."`` and log the counts as ``<method>/...`` hyperparameters.
+
+    One report for PaCA and LoRA runs, so the two are compared on the same counts.
+    """
+    report = trainable_parameters(model)
+    rank_zero_info(f"{method}: {report}")
+    prefix = method.lower()
+    for logger in trainer.loggers:
+        logger.log_hyperparams({f"{prefix}/trainable_params": report.trainable,
+                                f"{prefix}/total_params": report.total, f"{prefix}/trainable_percent": report.percent})
 
 
 def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:

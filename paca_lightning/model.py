@@ -74,11 +74,11 @@ def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
         for key in config.target_modules:
             if not any(name == key or name.endswith("." + key) for name in modules if name):
                 close = difflib.get_close_matches(key.split(".")[-1], leaf_names, n=5, cutoff=0.5)
-                raise ValueError(f"PaCAConfig.target_modules entry {key!r} matches no module of "
+                raise ValueError(f"{type(config).__name__}.target_modules entry {key!r} matches no module of "
                                  f"{type(model).__name__}; close matches: {close or 'none'}; "
                                  f"linear layers here are named e.g. {_examples(all_linear)}")
     if not chosen:
-        raise ValueError(f"PaCAConfig.target_modules={config.target_modules!r} (excluding "
+        raise ValueError(f"{type(config).__name__}.target_modules={config.target_modules!r} (excluding "
                          f"{config.exclude_modules!r}) selects no module of {type(model).__name__}; "
                          f"linear layers here are named e.g. {_examples(all_linear)}")
     for name, module in chosen.items():

@@ -15,6 +15,11 @@ Weight decay: AdamW's decay pulls weights toward zero; for PaCA columns, which s
 pretrained values, that would erase pretrained knowledge, so ``weight_decay`` here pulls the
 trained columns toward their *pretrained* values instead (decoupled, ``P -= lr * wd * (P - P0)``
 before each optimizer step). It is off by default (``weight_decay=0``), as in the paper.
+
+``method="lora"`` trains a peft LoRA adapter instead (`paca_lightning.lora`), on this same
+training path (loss, optimizer, schedule, logging, data), so a PaCA and a LoRA run differ only
+in the adapter. The paper compares LoRA rank ``r`` with PaCA rank ``2r`` (equal trainable
+parameters).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torchmetrics import MeanMetric
 from .callback import PaCACallback, adapt_for_training
 from .config import PaCAConfig
 from .loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
+from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
 from .model import paca_layers, set_paca_auto_sync
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -47,7 +53,7 @@ class PaCAFineTuneModule(LightningModule):
             ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``), or an ``nn.Module``
             returning ``.logits`` (and exposing ``base_model``/``get_output_embeddings`` for the
             chunked loss).
-        paca: the PaCA adapter; ``None`` means ``PaCAConfig()``.
+        paca: the PaCA adapter; ``None`` means ``PaCAConfig()``. Unused when ``method="lora"``.
         learning_rate: AdamW peak learning rate, reached after ``warmup_steps``.
         weight_decay: decoupled decay of the trained columns toward their pretrained values (see
             the module docs); trained biases (``bias="all"``) are not decayed.
@@ -67,6 +73,12 @@ class PaCAFineTuneModule(LightningModule):
         chunked_loss: compute the loss from the hidden states with `chunked_causal_lm_loss`,
             never materializing the (tokens x vocab) float32 logits.
         loss_chunk_size: tokens per chunk of the chunked loss.
+        method: ``"paca"`` trains ``paca``; ``"lora"`` trains a peft LoRA adapter configured by
+            ``lora`` on the same training path, for comparing the two (needs ``pip install
+            peft``). With LoRA, ``weight_decay`` is AdamW's decay of the LoRA matrices toward
+            zero, i.e. of the update toward the pretrained weights, as for PaCA columns; the fit-end
+            exports are ``lora_adapter/`` (peft format) and ``merged/`` (`LoRACallback`).
+        lora: the LoRA adapter for ``method="lora"``; ``None`` means ``LoRASettings()``.
     """
 
     def __init__(self, model: Union[str, nn.Module], paca: Optional[PaCAConfig] = None,
@@ -74,15 +86,28 @@ class PaCAFineTuneModule(LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.0, dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
                  tokenizer: Optional[str] = None, gradient_checkpointing: bool = False, compile: bool = False,
-                 chunked_loss: bool = False, loss_chunk_size: int = 1024) -> None:
+                 chunked_loss: bool = False, loss_chunk_size: int = 1024, method: Literal["paca", "lora"] = "paca",
+                 lora: Optional[LoRASettings] = None) -> None:
         super().__init__()
+        if method not in ("paca", "lora"):
+            raise ValueError(f"PaCAFineTuneModule(method={method!r}) is not valid; choose 'paca' or 'lora'")
+        if isinstance(lora, Mapping):  # hyperparameters restored from a checkpoint hold a dict
+            lora = LoRASettings(**lora)
+        if lora is not None and not isinstance(lora, LoRASettings):
+            raise TypeError(f"PaCAFineTuneModule(lora=...) must be a LoRASettings, got {type(lora).__name__}")
+        if lora is not None and method != "lora":
+            raise ValueError("PaCAFineTuneModule(lora=...) is set but method='paca'; pass method='lora' to "
+                             "train LoRA, or drop lora to train PaCA")
+        if method == "lora":
+            import_peft()  # fail now, not after loading the model
+            lora = LoRASettings() if lora is None else lora
         if isinstance(paca, Mapping):  # hyperparameters restored from a checkpoint hold a dict
             paca = PaCAConfig.from_dict(dict(paca))
         paca = PaCAConfig() if paca is None else paca
         if not isinstance(paca, PaCAConfig):
             raise TypeError(f"PaCAFineTuneModule(paca=...) must be a PaCAConfig, got {type(paca).__name__}")
         adapted_module = isinstance(model, nn.Module) and next(paca_layers(model), None) is not None
-        if paca.selection == "gradient" and not adapted_module:
+        if method == "paca" and paca.selection == "gradient" and not adapted_module:
             raise ValueError("PaCAFineTuneModule does not run selection='gradient' (it needs a calibration "
                              "batch before training); adapt the model with apply_paca(model, config, "
                              "calibration=batch) first and pass it as model=, or use 'random'/'weight_norm'")
@@ -104,6 +129,7 @@ class PaCAFineTuneModule(LightningModule):
         self.model_name = model if isinstance(model, str) else None
         self.model: Optional[nn.Module] = None if isinstance(model, str) else model
         self.paca = paca
+        self.method, self.lora = method, lora
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, float(min_lr_ratio)
@@ -119,26 +145,33 @@ class PaCAFineTuneModule(LightningModule):
                    "betas": list(self.betas), "eps": self.eps, "warmup_steps": warmup_steps,
                    "min_lr_ratio": self.min_lr_ratio, "dtype": dtype, "tokenizer": self.tokenizer_name,
                    "gradient_checkpointing": gradient_checkpointing, "compile": compile,
-                   "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size})
+                   "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size, "method": method,
+                   "lora": lora.to_dict() if lora is not None else None})
         self.save_hyperparameters(hparams)
 
     # ------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the model (when named), apply PaCA, then checkpointing and compilation.
+        """Build the model (when named), apply PaCA (or LoRA), then checkpointing and compilation.
 
         Runs under the strategy's init contexts and before it wraps the model; repeated calls
         (``fit`` then ``validate``) leave an adapted model as it is.
         """
         if self.model is None:
             self.model = self._load_pretrained()
-        already_adapted = next(paca_layers(self.model), None) is not None
-        adapt_for_training(self.model, self.paca)
-        if already_adapted:
-            return
+        if self.method == "lora":
+            if is_lora_model(self.model):
+                return
+            self.model = apply_lora(self.model, self.lora)
+        else:
+            already_adapted = next(paca_layers(self.model), None) is not None
+            adapt_for_training(self.model, self.paca)
+            if already_adapted:
+                return
+        model = self._transformers_model()
         if self.gradient_checkpointing:
-            _enable_activation_checkpointing(self.model)
-        if hasattr(getattr(self.model, "config", None), "use_cache"):
-            self.model.config.use_cache = False  # a KV cache is useless in training and costs memory
+            _enable_activation_checkpointing(model)
+        if hasattr(getattr(model, "config", None), "use_cache"):
+            model.config.use_cache = False  # a KV cache is useless in training and costs memory
         if self.compile_model:
             set_paca_auto_sync(self.model, False)
             self.model.compile()
@@ -154,8 +187,21 @@ class PaCAFineTuneModule(LightningModule):
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so dropout would stay off.
         return model.train()
 
+    def _transformers_model(self) -> nn.Module:
+        """The model itself, or under LoRA the transformers model inside peft's wrapper."""
+        model = self._require_model()
+        return model.get_base_model() if self.method == "lora" else model
+
     def configure_callbacks(self) -> list:
-        if any(isinstance(callback, PaCACallback) for callback in self.trainer.callbacks):
+        has_paca_callback = any(isinstance(callback, PaCACallback) for callback in self.trainer.callbacks)
+        if self.method == "lora":
+            if has_paca_callback:
+                raise ValueError("PaCAFineTuneModule(method='lora') cannot run with a PaCACallback in the "
+                                 "Trainer: it would apply PaCA to the LoRA model. Remove the PaCACallback")
+            if any(isinstance(callback, LoRACallback) for callback in self.trainer.callbacks):
+                return []
+            return [LoRACallback()]
+        if has_paca_callback:
             return []
         return [PaCACallback(self.paca)]
 
@@ -192,6 +238,7 @@ class PaCAFineTuneModule(LightningModule):
         inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
         if not self.chunked_loss:
             return causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+        model = self._transformers_model()  # its base_model returns hidden states, peft's would not
         head = self._output_head(model)
         hidden_states = model.base_model(**inputs, use_cache=False).last_hidden_state
         return chunked_causal_lm_loss(hidden_states, head.weight, batch["labels"], lm_head_bias=head.bias,
@@ -236,9 +283,13 @@ class PaCAFineTuneModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = [param for param in self._require_model().parameters() if param.requires_grad]
         if not parameters:
-            raise RuntimeError("the model has no trainable parameters; PaCA was not applied (configure_model)")
+            raise RuntimeError(f"the model has no trainable parameters; {self.method} was not applied "
+                               "(configure_model)")
+        # PaCA decays its columns toward their pretrained values itself (on_before_optimizer_step);
+        # AdamW's decay toward zero does the same for LoRA's matrices, whose zero is the pretrained model.
+        decay = self.weight_decay if self.method == "lora" else 0.0
         optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, betas=self.betas, eps=self.eps,
-                                      weight_decay=0.0)
+                                      weight_decay=decay)
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("the cosine schedule needs a finite run: set Trainer(max_steps=...) or max_epochs")

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from paca_lightning import PaCAFineTuneModule
 from paca_lightning.callback import ADAPTER_DIRNAME, MERGED_DIRNAME
+from paca_lightning.lora import LORA_ADAPTER_DIRNAME
 
 # torchdata's StatefulDataLoader calls an API torch 2.13 deprecated; the warning is not the user's to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -160,7 +161,8 @@ class RecipeCLI(LightningCLI):
         outputs = []
         if report.loss_curve and report.losses:
             outputs.append(("loss curve", report.write_loss_curve(root / "loss_curve.png")))
-        for label, directory in (("adapter", root / ADAPTER_DIRNAME), ("merged model", root / MERGED_DIRNAME)):
+        adapter = LORA_ADAPTER_DIRNAME if self.model.method == "lora" else ADAPTER_DIRNAME
+        for label, directory in (("adapter", root / adapter), ("merged model", root / MERGED_DIRNAME)):
             if directory.exists():
                 outputs.append((label, directory))
         checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or \
