@@ -123,7 +123,33 @@ def find_transformers_model(pl_module: LightningModule, attribute: Optional[str]
                      "or create the model in __init__ or configure_model")
 
 
-class PaCACallback(Callback):
+class BatchSeeding(Callback):
+    """Seeds torch's global RNG before every training batch from the run's base seed and the
+    batch's position (rank, epoch, step, batch index), and checkpoints the base seed.
+
+    Dropout masks then depend only on where a batch is in the run, not on what else drew random
+    numbers before it (a validation pass, a data-loader iterator created on resume), which is
+    what makes a resumed run bit-identical. The base seed is ``torch.initial_seed()`` when the
+    callback is created (``seed_everything`` sets it).
+    """
+
+    def __init__(self, seed_each_batch: bool = True) -> None:
+        self.seed_each_batch = seed_each_batch
+        self._base_seed = torch.initial_seed()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.seed_each_batch:
+            torch.manual_seed(batch_seed(self._base_seed, trainer.global_rank, trainer.current_epoch,
+                                         trainer.global_step, batch_idx))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_seed": self._base_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._base_seed = int(state_dict["base_seed"])
+
+
+class PaCACallback(BatchSeeding):
     """Applies PaCA to a LightningModule's model and keeps a Trainer run correct and observable.
 
     Args:
@@ -141,12 +167,8 @@ class PaCACallback(Callback):
             ``save_pretrained`` format, with the module's ``tokenizer`` attribute if it has one.
         log_throughput: log ``train/tokens_per_s``, ``train/samples_per_s`` and
             ``train/peak_memory_gb`` every ``trainer.log_every_n_steps`` optimizer steps.
-        seed_each_batch: seed torch's global RNG before every training batch from the run's
-            base seed and the batch's position (epoch, step, batch index). Dropout masks then
-            depend only on where a batch is in the run, not on what else drew random numbers
-            before it (a validation pass, a data-loader iterator created on resume), which is
-            what makes a resumed run bit-identical. The base seed is ``torch.initial_seed()``
-            when the callback is created (``seed_everything`` sets it) and is checkpointed.
+        seed_each_batch: seed torch's global RNG before every training batch (`BatchSeeding`),
+            which is what makes a resumed run bit-identical.
     """
 
     def __init__(self, config: PaCAConfig, *, model_attribute: Optional[str] = None,
@@ -156,6 +178,7 @@ class PaCACallback(Callback):
                  seed_each_batch: bool = True) -> None:
         if not isinstance(config, PaCAConfig):
             raise TypeError(f"PaCACallback needs a PaCAConfig, got {type(config).__name__}")
+        super().__init__(seed_each_batch)
         self.config = config
         self.model_attribute = model_attribute
         self.calibration = calibration
@@ -164,8 +187,6 @@ class PaCACallback(Callback):
         self.save_adapter_on_fit_end = save_adapter_on_fit_end
         self.save_merged_on_fit_end = save_merged_on_fit_end
         self.log_throughput = log_throughput
-        self.seed_each_batch = seed_each_batch
-        self._base_seed = torch.initial_seed()
         self.model: Optional[nn.Module] = None
         self._window_start: Optional[float] = None
         self._window_tokens = self._window_samples = 0
@@ -303,17 +324,6 @@ class PaCACallback(Callback):
                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
         sync_paca_columns(model)
         _resume_finished_epoch_at_next_epoch(trainer, checkpoint)
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.seed_each_batch:
-            torch.manual_seed(batch_seed(self._base_seed, trainer.global_rank, trainer.current_epoch,
-                                         trainer.global_step, batch_idx))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base_seed": self._base_seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._base_seed = int(state_dict["base_seed"])
 
     # --------------------------------------------------------------------------- fit end
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -93,6 +93,18 @@ class PaCAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_paca, None, None, None
 
 
+def validated_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
+    """``paca_indices`` as sorted int64 on ``device``; raises unless r distinct values in range."""
+    indices = torch.as_tensor(paca_indices, dtype=torch.int64, device=device)
+    if indices.ndim != 1 or indices.numel() == 0:
+        raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+    indices = indices.sort().values
+    if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
+        raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
+                         f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")
+    return indices
+
+
 def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
@@ -123,13 +135,7 @@ class PaCALinear(nn.Module):
             out_features, in_features = base.weight.shape
         else:
             raise TypeError(f"PaCALinear adapts nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        indices = torch.as_tensor(paca_indices, dtype=torch.int64, device=base.weight.device)
-        if indices.ndim != 1 or indices.numel() == 0:
-            raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
-        indices = indices.sort().values
-        if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
-            raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
-                             f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")
+        indices = validated_indices(paca_indices, in_features, base.weight.device)
         self.in_features, self.out_features = in_features, out_features
         self.scaling = float(scaling)
         self.weight = base.weight

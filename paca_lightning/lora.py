@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from .callback import MERGED_DIRNAME, batch_seed, log_trainable_report
+from .callback import MERGED_DIRNAME, BatchSeeding, log_trainable_report
 from .model import _find_targets, _set_submodule, paca_layers
 from .quantized import dense_dtype_of, dequantize_weight, is_quantized_linear, quantize_linear
 
@@ -162,7 +162,7 @@ def save_lora_merged(peft_model: nn.Module, directory: Union[str, Path], tokeniz
     return directory
 
 
-class LoRACallback(Callback):
+class LoRACallback(BatchSeeding):
     """What `PaCACallback` does for a PaCA run that a LoRA run needs: seeding, report, export.
 
     Added by `PaCAFineTuneModule.configure_callbacks` when ``method="lora"``. Seeds torch's
@@ -178,9 +178,6 @@ class LoRACallback(Callback):
     training time.
     """
 
-    def __init__(self) -> None:
-        self._base_seed = torch.initial_seed()
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise ValueError(f"PaCAFineTuneModule(method='lora') runs on one device or with DDP; strategy "
@@ -189,16 +186,6 @@ class LoRACallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_trainable_report(trainer, pl_module.model, "LoRA")
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        torch.manual_seed(batch_seed(self._base_seed, trainer.global_rank, trainer.current_epoch,
-                                     trainer.global_step, batch_idx))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base_seed": self._base_seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._base_seed = int(state_dict["base_seed"])
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:  # DDP replicas are identical: rank 0 writes

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PaCALinear, is_conv1d
+from .layers import PaCALinear, is_conv1d, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
@@ -216,17 +216,6 @@ def check_quantized_targets(selection: str, quantize: Optional[str], targets: di
                             "BitsAndBytesConfig instead, or exclude this module")
 
 
-def _check_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
-    indices = torch.as_tensor(paca_indices, dtype=torch.int64, device=device)
-    if indices.ndim != 1 or indices.numel() == 0:
-        raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
-    indices = indices.sort().values
-    if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
-        raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
-                         f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")
-    return indices
-
-
 class QuantizedPaCAFunction(torch.autograd.Function):
     """``y = x @ W^T + b`` on the dequantized base with ``W[:, S] = s * P``; see the module docstring.
 
@@ -314,7 +303,7 @@ class QuantizedPaCALinear(PaCALinear):
         self.bias = base.bias
         self.weight.requires_grad_(False)
         device = self.weight.device
-        self.register_buffer("paca_indices", _check_indices(paca_indices, self.in_features, device))
+        self.register_buffer("paca_indices", validated_indices(paca_indices, self.in_features, device))
         with backend_errors(quantization_of(base), device):
             base_columns = dequantize_weight(base, torch.float32).index_select(1, self.paca_indices)
         self.register_buffer("paca_base_columns", base_columns)
