@@ -47,6 +47,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .accelerators.reporting import synchronize_device
 from .adapter import save_adapter
 from .checkpoint import AtomicCheckpointIO
 from .config import PaCAConfig
@@ -267,15 +268,19 @@ class PaCACallback(BatchSeeding):
         _sync_stale_columns(self._require_model())
         if not self.log_throughput:
             return
-        now = time.perf_counter()
+        # CUDA and HPU return before the work is done: wait for the device at the window's ends
+        # (only there, so the queue keeps running in between), or the clock times queued work.
         if self._window_start is None:  # the first batch includes warm-up; start measuring after it
-            self._window_start = now
+            synchronize_device(pl_module.device)
+            self._window_start = time.perf_counter()
             return
         tokens, samples = _count_tokens_and_samples(batch)
         self._window_tokens += tokens
         self._window_samples += samples
         step = trainer.global_step
         if step % max(trainer.log_every_n_steps, 1) == 0 and step != self._last_logged_step:
+            synchronize_device(pl_module.device)
+            now = time.perf_counter()
             seconds = now - self._window_start
             pl_module.log_dict({"train/tokens_per_s": self._window_tokens / seconds,
                                 "train/samples_per_s": self._window_samples / seconds,
