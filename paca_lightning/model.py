@@ -145,10 +145,6 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
 
     for param in model.parameters():
         param.requires_grad_(False)
-    if config.bias == "all":
-        for name, param in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                param.requires_grad_(True)
 
     if indices is not None:
         chosen = {name: torch.as_tensor(value) for name, value in indices.items()}
@@ -164,6 +160,11 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     else:
         chosen = {name: random_columns(in_features_of(m), config.rank_for(name), config.seed, name)
                   for name, m in targets.items()}
+
+    if config.bias == "all":  # after the selection, so a calibration pass leaves no bias gradients
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
 
     for name, module in targets.items():
         rank = chosen[name].numel()

@@ -242,6 +242,9 @@ def test_gradient_selection_picks_largest_gradient_columns():
     apply_paca(model, PaCAConfig(rank=5, selection="gradient", target_modules=["down_proj"]), calibration=batch)
     assert torch.equal(model.model.layers[1].mlp.down_proj.paca_indices, expected)
     assert all(p.grad is None for p in model.parameters())
+    gpt2 = apply_paca(make_tiny_gpt2(), PaCAConfig(rank=4, selection="gradient", bias="all"),
+                      calibration=token_batch(seed=2))
+    assert all(p.grad is None for p in gpt2.parameters())  # calibration leaves nothing to accumulate on
     with pytest.raises(ValueError, match="needs apply_paca"):
         apply_paca(make_tiny_llama(), PaCAConfig(rank=5, selection="gradient"))
     with pytest.raises(ValueError, match="no 'labels' key"):
