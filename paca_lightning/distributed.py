@@ -22,6 +22,10 @@ weights has to be told how the invariant ``W[:, S] == (s * P).to(W.dtype)`` surv
   contiguous slice of the flattened units, not rows, so no local write can keep the invariant.
   Layers switch to the delta form (`use_delta_form`): ``W`` is never written and forward adds
   ``x_S @ ((s*P).to(W.dtype) - W[:, S])^T``, exact under any wrapper for one thin matmul.
+  FSDP1 allocates a FlatParameter's gradient for the whole flat tensor as soon as one of its
+  parameters trains, so the trainable parameters are kept out of the flat parameters
+  (`replicate_trainable`, FSDP1's ``ignored_states``): whole on every rank, gradients averaged
+  by an all-reduce hook. Gradient and optimizer memory per rank is then the trainable size.
 - **DDP**: every rank holds whole weights; the default forward-time sync is already exact.
 
 Adapter saves gather every rank's shard (`save_sharded_adapter`); merged exports gather the full
@@ -193,6 +197,35 @@ def use_delta_form(model: nn.Module) -> nn.Module:
         layer.auto_sync = False
         layer.delta_form = True
     return model
+
+
+def replicate_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` (``paca_weight``, trained biases), to pass to FSDP1
+    as ``ignored_states``; each gets a hook averaging its gradient over all ranks.
+
+    FSDP1 allocates a FlatParameter's gradient for the whole flattened unit as soon as one of its
+    parameters trains, frozen weights included (132,960 B per rank on the tiny test Llama against
+    14,528 B of trainable columns). Left out of the flat parameters, the trainable ones stay whole
+    on every rank and the flat parameters, all frozen, get no gradient: gradient and optimizer
+    memory per rank is the trainable size. FSDP does not reduce ignored parameters, so after
+    every backward a hook all-reduces each gradient and divides by the world size, the mean
+    FSDP itself would have produced. Under gradient accumulation a gradient that is already the
+    mean (equal on every rank) plus this micro-batch's is averaged again, which leaves the first
+    part unchanged: the result is the mean of the accumulated gradients, as without the hook.
+    Like FSDP, this needs every rank to start from the same values and run the same backward.
+    Call it once per model, before wrapping; the hooks use the default process group.
+    """
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to replicate")
+    for param in trainable:
+        param.register_post_accumulate_grad_hook(_average_gradient_over_ranks)
+    return trainable
+
+
+def _average_gradient_over_ranks(param: nn.Parameter) -> None:
+    dist.all_reduce(param.grad)  # gloo has no ReduceOp.AVG: sum, then divide
+    param.grad.div_(dist.get_world_size())
 
 
 def clean_name(name: str) -> str:
@@ -461,9 +494,10 @@ class PaCAFSDPStrategy(FSDPStrategy):
     ``FSDPStrategy`` refuses CPU; this subclass passes ``device_id=cpu`` to FSDP so 2-process
     gloo runs work for testing. Checkpoints default to ``state_dict_type="sharded"``.
 
-    Note FSDP1 allocates each unit's gradient for its whole flattened parameter, frozen weights
-    included; prefer `PaCAModelParallelStrategy` (FSDP2), whose gradient memory is the trainable
-    columns only.
+    The trainable parameters are kept out of FSDP1's flat parameters (`replicate_trainable`,
+    added to any ``ignored_states`` given): whole on every rank, gradients all-reduced, so
+    gradient and AdamW memory per rank is the trainable size rather than the flattened units'.
+    `PaCAModelParallelStrategy` (FSDP2) shards them too (trainable / world size per rank).
     """
 
     strategy_name = "paca_fsdp"
@@ -472,6 +506,8 @@ class PaCAFSDPStrategy(FSDPStrategy):
         if kwargs.pop("use_orig_params", True) is not True:
             raise ValueError("PaCAFSDPStrategy needs use_orig_params=True: PaCA's paca_weight must stay a "
                              "parameter of its own for the optimizer and the adapter files")
+        # kept apart: each setup adds the replicated trainable parameters of the model it wraps
+        self._given_ignored_states = list(kwargs.pop("ignored_states", None) or ())
         super().__init__(auto_wrap_policy=auto_wrap_policy, state_dict_type=state_dict_type,
                          use_orig_params=True, **kwargs)
 
@@ -482,26 +518,39 @@ class PaCAFSDPStrategy(FSDPStrategy):
         super().setup(trainer)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Lightning's loader, except that a sharded checkpoint may hold only some of the model's
-        tensors when the module loads non-strictly (`PaCACallback`'s adapter-only checkpoints)."""
+        """Lightning's loader, except for sharded checkpoints: they may hold only some of the
+        model's tensors when the module loads non-strictly (`PaCACallback`'s adapter-only
+        checkpoints), and the replicated trainable parameters' optimizer state is loaded whole."""
         from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _get_sharded_state_dict_context
         from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
         from torch.distributed.checkpoint import FileSystemReader, load
         from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         path = Path(self.broadcast(checkpoint_path))
-        if self.lightning_module.strict_loading or not _is_sharded_checkpoint(path):
+        if not _is_sharded_checkpoint(path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved = FileSystemReader(path).read_metadata().state_dict_metadata
         with _get_sharded_state_dict_context(self.model):
             model_state = {key: value for key, value in self.model.state_dict().items() if f"model.{key}" in saved}
             load({"model": model_state}, checkpoint_id=path)
-            self.model.load_state_dict(model_state, strict=False)
+            self.model.load_state_dict(model_state, strict=self.lightning_module.strict_loading)
+            # FSDP1's sharded state dict holds its own parameters as ShardedTensors and the
+            # ignored (replicated) ones as plain tensors
+            replicated = {key for key, value in model_state.items() if not isinstance(value, ShardedTensor)}
             for index, optimizer in enumerate(self.optimizers):
                 key = f"optimizer_{index}"
                 optimizer_state = load_sharded_optimizer_state_dict(model_state_dict=model_state, optimizer_key=key,
                                                                     storage_reader=FileSystemReader(path))
+                # that loader splits every optimizer tensor over the ranks, as for flat parameters;
+                # a replicated parameter's state is read again whole, as it was saved
+                for name, values in optimizer_state[key]["state"].items():
+                    if name in replicated:
+                        for field, value in values.items():
+                            if isinstance(value, ShardedTensor):
+                                values[field] = torch.empty(value.size(), dtype=value.dtype)
+                load(optimizer_state, checkpoint_id=path)
                 optimizer.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(
                     optim_state_dict=optimizer_state[key], model=self.model, optim=optimizer))
         checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
@@ -519,6 +568,8 @@ class PaCAFSDPStrategy(FSDPStrategy):
         _refuse_quantized(models, "FSDP1")
         for paca_model in models:
             use_delta_form(paca_model)
+        replicated = [param for paca_model in models for param in replicate_trainable(paca_model)]
+        self.kwargs["ignored_states"] = [*self._given_ignored_states, *replicated]
         if "auto_wrap_policy" not in self.kwargs:
             blocks = {type(block) for paca_model in models for block in decoder_layers(paca_model)}
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks)
@@ -533,6 +584,6 @@ class PaCAFSDPStrategy(FSDPStrategy):
         return wrapped
 
 
-__all__ = ["shard_paca_model", "attach_column_sync", "use_delta_form", "write_local_columns",
+__all__ = ["shard_paca_model", "attach_column_sync", "use_delta_form", "replicate_trainable", "write_local_columns",
            "paca_shard_placement", "decoder_layers", "gather_adapter_state", "save_sharded_adapter",
            "merged_state_dict", "export_merged", "clean_name", "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]

@@ -19,7 +19,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from paca_lightning import (PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync,
                             sync_paca_columns)
 from paca_lightning.distributed import (attach_column_sync, gather_adapter_state, merged_state_dict,
-                                        save_sharded_adapter, shard_paca_model, use_delta_form)
+                                        replicate_trainable, save_sharded_adapter, shard_paca_model,
+                                        use_delta_form)
 
 STEPS, PER_RANK, LENGTH, VOCAB = 3, 2, 12, 128
 
@@ -143,7 +144,7 @@ def run_fsdp1(make, *, delta: bool):
         set_paca_auto_sync(model, False)
     blocks = {type(m) for m in model.modules() if type(m).__name__ in set(model._no_split_modules)}
     model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(blocks), use_orig_params=True,
-                                     device_id=torch.device("cpu"))
+                                     ignored_states=replicate_trainable(model), device_id=torch.device("cpu"))
     optimizer = optimizer_for(model)
     train(model, optimizer, global_batches(), split=True)
     return model, optimizer
