@@ -242,8 +242,12 @@ def reset_peak_rss() -> None:
     Importing torch, transformers and peft briefly holds more memory than a small model's
     training does; without the reset that import spike would be every method's "peak".
     """
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError as error:
+        raise RuntimeError(f"cannot reset the peak RSS through /proc/self/clear_refs ({error}); the peak-memory "
+                           "figures need Linux >= 4.0") from error
 
 
 def peak_rss() -> int:

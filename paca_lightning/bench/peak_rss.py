@@ -30,8 +30,10 @@ def main(argv: list[str]) -> int:
     batch = random_batch(vocab_size_of(trainee.causal_lm), spec["batch_size"], spec["sequence_length"],
                          torch.device("cpu"), seed=spec["seed"])
     compute_loss = loss_function(spec["loss"], spec["chunk_size"])
-    before = current_rss()
+    # Reset first, then read: the peak restarts from the RSS at the reset, so the peak can never be
+    # below the starting figure even when the allocator returns pages to the system in between.
     reset_peak_rss()
+    before = current_rss()
     for _ in range(spec["steps"]):
         train_step(trainee, compute_loss, batch)
     print(json.dumps({"rss_before_training": before, "peak_rss": peak_rss()}))

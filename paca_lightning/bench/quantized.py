@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import PaCAConfig
 from ..model import apply_paca
-from .measure import DeviceOps, current_rss, median, saved_bytes, timed_step
+from .measure import DeviceOps, current_rss, median, peak_rss, reset_peak_rss, saved_bytes, timed_step
 from .methods import Trainee, loss_function, train_step
 from .models import DTYPES, PRESETS, random_batch
 
@@ -92,28 +92,6 @@ def prepare(method: str, model: nn.Module, lora_rank: int, learning_rate: float 
     return Trainee(method, lora_rank, model, torch.optim.AdamW(trainable, lr=learning_rate))
 
 
-def _reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5); False where unsupported.
-
-    Loading a checkpoint peaks far above training (the file's full-precision tensors exist while
-    they are quantized), so without a reset both methods would report the loader's peak.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
 def _child_main(spec: dict) -> int:
     """Peak-memory child: load, prepare one method, train a few steps, print one JSON line."""
     device = torch.device(spec["device"])
@@ -121,14 +99,14 @@ def _child_main(spec: dict) -> int:
     trainee = prepare(spec["method"], model, spec["lora_rank"])
     batch = random_batch(model.config.vocab_size, spec["batch_size"], spec["sequence_length"], device, seed=1)
     compute_loss = loss_function("dense")
+    # Loading peaks far above training (the file's full-precision tensors exist while they are
+    # quantized): restart the kernel's peak counter, then read the starting figure.
+    reset_peak_rss()
     before = current_rss()
-    if not _reset_peak_rss():
-        raise RuntimeError("the peak-memory child needs Linux /proc/self/clear_refs to measure the training "
-                           "peak apart from the loader's peak")
     for _ in range(spec["steps"]):
         train_step(trainee, compute_loss, batch)
     DeviceOps(device).synchronize()
-    print(json.dumps({"rss_before_training": before, "peak_rss": _peak_rss_since_reset()}))
+    print(json.dumps({"rss_before_training": before, "peak_rss": peak_rss()}))
     return 0
 
 
