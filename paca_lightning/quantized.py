@@ -39,7 +39,6 @@ from .layers import PaCALinear, is_conv1d, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
-_INT8_SCALE = 7.874015718698502e-3  # 1/127 exactly as bitsandbytes writes it, for bit-equal results
 _INT8_CHUNK_ELEMENTS = 1 << 22  # int8 dequantization temporaries stay <= 16 MiB (fp32)
 
 
@@ -120,19 +119,25 @@ def _int8_row_scales(module: nn.Module) -> torch.Tensor:
 
 
 def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The (out x in) dequantized weight of a bitsandbytes layer in ``dtype``: one new tensor.
-
-    Bit-equal to bitsandbytes' own dequantization cast to ``dtype``, without a second
-    full-size temporary: 4-bit dequantizes straight into ``dtype``; 8-bit goes through
-    bitsandbytes' float32 formula in row chunks.
-    """
-    bnb = import_bitsandbytes("dequantizing a quantized base layer")
+    """The (out x in) dequantized weight of a bitsandbytes layer in ``dtype``: one new tensor."""
     if quantized_kind(module) == "4bit":
-        state = copy.copy(_quant_state(module))
-        state.dtype = dtype
-        return bnb.functional.dequantize_4bit(module.weight.data, state)
-    quantized = module.weight.data
-    scales = _int8_row_scales(module).to(quantized.device)
+        return dequantize_4bit(module.weight.data, _quant_state(module), dtype)
+    return dequantize_int8(module.weight.data, _int8_row_scales(module), dtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """Bitsandbytes' 4-bit dequantization of ``packed`` (any storage dtype), straight into ``dtype``."""
+    bnb = import_bitsandbytes("dequantizing a quantized base layer")
+    state = copy.copy(state)
+    state.dtype = dtype
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+def dequantize_int8(quantized: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bitsandbytes' int8 row-wise dequantization (its float32 formula, bit-equal), cast to
+    ``dtype`` in row chunks so that no second full-size float32 temporary exists."""
+    bnb = import_bitsandbytes("dequantizing a quantized base layer")
+    scales = scales.to(quantized.device)
     out = torch.empty(quantized.shape, dtype=dtype, device=quantized.device)
     rows = max(1, _INT8_CHUNK_ELEMENTS // max(1, quantized.shape[1]))
     for start in range(0, quantized.shape[0], rows):
@@ -299,16 +304,35 @@ class QuantizedPaCALinear(PaCALinear):
         self.transposed = False
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = float(scaling)
-        self.weight = base.weight
+        # The packed bytes become a plain uint8/int8 Parameter and the quantization state an
+        # attribute of this layer. Bitsandbytes' parameter classes carry the state on the tensor,
+        # which a sharding engine loses (FSDP2 replaces every Parameter by a DTensor and, in
+        # forward, by a gathered plain tensor); dequantizing whatever ``self.weight`` is at the
+        # time, with the state kept here, is what lets QPaCA be sharded. Bytes, not a float
+        # storage dtype (``bnb_4bit_quant_storage``): ``model.to(dtype)`` and mixed-precision
+        # casts leave integer tensors alone.
+        if kind == "4bit":
+            self.quant_state = _quant_state(base)
+            self.quant_storage = base.weight.quant_storage
+            self.compute_dtype = base.compute_dtype
+            packed = base.weight.data.view(torch.uint8).reshape(-1, 1)
+        else:
+            self.int8_row_scales = _int8_row_scales(base)
+            packed = base.weight.data
+        self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = base.bias
-        self.weight.requires_grad_(False)
+        # While wrapped, the base holds no tensor of its own (a sharded run frees the full bytes);
+        # `_release` gives it back a bitsandbytes parameter.
+        base.weight = None
+        if kind == "8bit":
+            base.state.CB = base.state.SCB = None
         device = self.weight.device
         self.register_buffer("paca_indices", validated_indices(paca_indices, self.in_features, device))
-        with backend_errors(quantization_of(base), device):
-            base_columns = dequantize_weight(base, torch.float32).index_select(1, self.paca_indices)
+        with backend_errors(self.quantization, device):
+            base_columns = self.dequantized_weight(torch.float32).index_select(1, self.paca_indices)
         self.register_buffer("paca_base_columns", base_columns)
         self.paca_weight = nn.Parameter(base_columns.to(paca_dtype or torch.float32) / self.scaling)
-        self.merge_dtype = merge_dtype or (_quant_state(base).dtype if kind == "4bit" else torch.float32)
+        self.merge_dtype = merge_dtype or (self.quant_state.dtype if kind == "4bit" else torch.float32)
         self.paca_enabled = True
         # The weight never holds trained values, so there is nothing to keep in sync: these exist
         # for code that drives any PaCALinear (callbacks, sharding helpers).
@@ -318,20 +342,36 @@ class QuantizedPaCALinear(PaCALinear):
 
     @property
     def quantized_base(self) -> nn.Module:
-        """The wrapped bitsandbytes layer (not a registered submodule: its Parameters are ours)."""
+        """The wrapped bitsandbytes layer, without its weight while wrapped (see `_release`)."""
         return self._base_module[0]
+
+    @property
+    def quantization(self) -> str:
+        """The base's format as `PaCAConfig.quantize` names it: nf4, fp4 or int8."""
+        return "int8" if self.kind == "8bit" else self.quant_state.quant_type
 
     def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
         """Autocast's dtype when active, else the 4-bit layer's ``compute_dtype``, else x's dtype."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        if self.kind == "4bit" and getattr(self.quantized_base, "compute_dtype", None) is not None:
-            return self.quantized_base.compute_dtype
+        if self.kind == "4bit" and self.compute_dtype is not None:
+            return self.compute_dtype
         return x.dtype
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The pretrained (out x in) weight in ``dtype``, without the trained columns."""
-        return dequantize_weight(self.quantized_base, dtype)
+        """The pretrained (out x in) weight in ``dtype``, without the trained columns.
+
+        Reads ``self.weight`` as it is now: the whole tensor, or under FSDP2 the copy gathered for
+        this forward or backward. The state follows the bytes to their device on first use.
+        """
+        packed = self.weight.data
+        if self.kind == "4bit":
+            if self.quant_state.absmax.device != packed.device:
+                self.quant_state.to(packed.device)
+            return dequantize_4bit(packed, self.quant_state, dtype)
+        if self.int8_row_scales.device != packed.device:
+            self.int8_row_scales = self.int8_row_scales.to(packed.device)
+        return dequantize_int8(packed, self.int8_row_scales, dtype)
 
     def effective_weight(self, paca_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized base with ``(s * paca_weight).to(dtype)`` in columns ``paca_indices``."""
@@ -382,7 +422,6 @@ class QuantizedPaCALinear(PaCALinear):
                 dense weight. Lossy: the trained columns are rounded to the quantization grid
                 like every other value.
         """
-        base = self.quantized_base
         dtype = dtype or self.merge_dtype
         with torch.no_grad():
             weight = self.effective_weight(self.paca_weight, dtype)
@@ -395,15 +434,14 @@ class QuantizedPaCALinear(PaCALinear):
             return dense
         if self.kind == "8bit":
             return quantize_linear(dense, "int8")
-        state = _quant_state(base)
+        state = self.quant_state
         bnb = import_bitsandbytes("requantize=True")
         layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None,
-                                  compute_dtype=base.compute_dtype, compress_statistics=state.nested,
-                                  quant_type=state.quant_type, quant_storage=base.weight.quant_storage,
-                                  device="meta")
+                                  compute_dtype=self.compute_dtype, compress_statistics=state.nested,
+                                  quant_type=state.quant_type, quant_storage=self.quant_storage, device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=state.blocksize,
                                          compress_statistics=state.nested, quant_type=state.quant_type,
-                                         quant_storage=base.weight.quant_storage, module=layer)
+                                         quant_storage=self.quant_storage, module=layer)
         with backend_errors(state.quant_type, weight.device):
             layer.weight = layer.weight._quantize(weight.device)
         layer.bias = bias
@@ -414,15 +452,59 @@ class QuantizedPaCALinear(PaCALinear):
         self.paca_enabled = False
         return self._release()
 
+    def _release(self) -> nn.Module:
+        """The base layer with a bitsandbytes parameter over this layer's bytes and state again."""
+        base, bnb = self.quantized_base, import_bitsandbytes("unwrapping a quantized PaCA layer")
+        if self.kind == "4bit":
+            state = self.quant_state
+            stored = self.weight.data.reshape(-1).view(self.quant_storage).reshape(-1, 1)
+            base.weight = bnb.nn.Params4bit(stored, requires_grad=False,
+                                            quant_state=state, blocksize=state.blocksize,
+                                            compress_statistics=state.nested, quant_type=state.quant_type,
+                                            quant_storage=self.quant_storage, module=base, bnb_quantized=True)
+            base.quant_state = state
+        else:
+            # Linear8bitLt's forward moves CB/SCB from the parameter into its matmul state.
+            base.weight = bnb.nn.Int8Params(self.weight.data, requires_grad=False, has_fp16_weights=False,
+                                            CB=self.weight.data, SCB=self.int8_row_scales)
+        base.bias = self.bias
+        return base
+
+    def _quantization_state_dict(self) -> dict[str, torch.Tensor]:
+        """The quantization state under bitsandbytes' own state-dict keys (relative to the layer)."""
+        if self.kind == "4bit":
+            return {f"weight.{key}": value for key, value in self.quant_state.as_dict(packed=True).items()}
+        return {"SCB": self.int8_row_scales, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # bitsandbytes adds the quantization state (block scales, quant map, ...) next to the weight.
-        self.quantized_base._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self._quantization_state_dict().items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Load the layer's tensors and the quantization state saved beside them, so that a QPaCA
+        model's own state dict (a full checkpoint) loads back with ``strict=True``."""
+        own = {key[len(prefix):]: state_dict[key] for key in state_dict
+               if key.startswith(prefix) and key[len(prefix):] in self._quantization_state_dict()}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in own:
+            if prefix + key in unexpected_keys:
+                unexpected_keys.remove(prefix + key)
+        if not own:
+            return
+        device = self.weight.device
+        if self.kind == "4bit":
+            from bitsandbytes.functional import QuantState
+            self.quant_state = QuantState.from_dict({key[len("weight."):]: value for key, value in own.items()},
+                                                    device=device)
+        elif "SCB" in own:
+            self.int8_row_scales = own["SCB"].to(device=device, dtype=torch.float32).clone()
 
     def extra_repr(self) -> str:
-        return (f"{quantization_of(self.quantized_base)}(in_features={self.in_features}, "
-                f"out_features={self.out_features}, bias={self.bias is not None}), rank={self.rank}, "
-                f"scaling={self.scaling:g}")
+        return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}), rank={self.rank}, scaling={self.scaling:g}")
 
 
 def drop_quantization_markers(model: nn.Module) -> None:

@@ -37,12 +37,10 @@ def load_4bit(path, quant_type, double_quant):
 
 
 def bnb_dequantized(layer: QuantizedPaCALinear) -> torch.Tensor:
-    """The base weight as bitsandbytes itself dequantizes it (independent of paca_lightning)."""
-    base = layer.quantized_base
+    """The base weight as bitsandbytes itself dequantizes the layer's bytes and state."""
     if layer.kind == "4bit":
-        return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-    scales = base.weight.SCB if base.weight.SCB is not None else base.state.SCB
-    return bnb_functional.int8_vectorwise_dequant(base.weight.data, scales).float()
+        return bnb_functional.dequantize_4bit(layer.weight.data, layer.quant_state).float()
+    return bnb_functional.int8_vectorwise_dequant(layer.weight.data, layer.int8_row_scales).float()
 
 
 def perturb_columns(model, seed=7):
@@ -80,7 +78,7 @@ def test_paca_weight_grad_equals_dense_grad_on_dequantized_4bit_weight(checkpoin
     apply_paca(model, PaCAConfig(rank=8, alpha=16))
     layers = dict(paca_layers(model))
     assert len(layers) == 14 and all(isinstance(layer, QuantizedPaCALinear) for layer in layers.values())
-    state = layers["model.layers.0.mlp.up_proj"].weight.quant_state
+    state = layers["model.layers.0.mlp.up_proj"].quant_state
     assert (state.quant_type, state.nested) == (quant_type, double_quant)
     perturb_columns(model)
     assert_grads_match_dense(model, load(checkpoint), token_batch())
@@ -115,7 +113,7 @@ def test_bf16_compute_matches_dense_bf16_linear_and_returns_input_dtype():
     model = nn.Sequential(base)
     apply_paca(model, PaCAConfig(rank=8, alpha=8, target_modules=["0"], quantize="nf4", bias="all"))
     layer = model[0]
-    layer.quantized_base.compute_dtype = torch.bfloat16
+    layer.compute_dtype = torch.bfloat16
     x = torch.randn(3, 5, 64, requires_grad=True)
     y = layer(x)
     assert y.dtype == torch.float32
@@ -337,7 +335,7 @@ def test_a_base_repacked_by_a_cpu_eval_forward_is_restored_to_the_standard_layou
     assert quantized.weight.quant_state.packing_format_for_cpu
     apply_paca(model, PaCAConfig(rank=4, target_modules=["0"]))
     restored = model[0].dequantized_weight(torch.float32)
-    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    assert not getattr(model[0].quant_state, "packing_format_for_cpu", False)
     # Same values up to the block scales bitsandbytes rounded to bfloat16 while repacking.
     torch.testing.assert_close(restored, before, rtol=1e-2, atol=1e-2 * before.abs().max().item())
 
@@ -347,3 +345,46 @@ def test_weight_norm_selection_on_a_loaded_base_ranks_dequantized_columns(checkp
     for name, layer in paca_layers(model):
         expected = torch.topk(bnb_dequantized(layer).norm(dim=0), 4).indices.sort().values
         assert torch.equal(layer.paca_indices, expected), name
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_qpaca_state_dict_loads_strictly_with_its_quantization_state(quantize):
+    source = apply_paca(make_tiny_llama(seed=9), PaCAConfig(rank=4, alpha=8, quantize=quantize))
+    perturb_columns(source)
+    # Another base: its bytes and block scales (or row scales) all differ until the load.
+    target = apply_paca(make_tiny_llama(seed=10), PaCAConfig(rank=4, alpha=8, quantize=quantize))
+    result = target.load_state_dict(source.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    batch = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(target(**batch).logits, source(**batch).logits, rtol=0, atol=0)
+
+
+def test_the_wrapped_base_holds_no_bytes_and_dtype_casts_leave_the_packed_weight_alone(checkpoint):
+    model = load(checkpoint, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                 bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    stored = q_proj.weight.data.clone()
+    apply_paca(model, PaCAConfig(rank=8, alpha=16))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.quantized_base.weight is None  # one copy of the bytes: the layer's
+    assert layer.weight.dtype == torch.uint8
+    before = layer.dequantized_weight(torch.float32)
+    model.model.layers[0].to(torch.bfloat16)  # casts floating tensors only: bytes stay bytes
+    assert torch.equal(layer.dequantized_weight(torch.float32), before)
+    unload_paca(model)
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert q_proj.weight.dtype == torch.bfloat16  # packed bytes as bf16 (some read as NaN): compare bytes
+    assert torch.equal(q_proj.weight.data.view(torch.uint8), stored.view(torch.uint8))
+
+
+def test_an_unloaded_8bit_base_computes_as_before_wrapping(checkpoint):
+    model = load(checkpoint, load_in_8bit=True)
+    batch = token_batch()
+    with torch.no_grad():
+        before = model(**batch).logits  # bitsandbytes' forward moves the row scales into its state
+    apply_paca(model, PaCAConfig(rank=4, alpha=8))
+    perturb_columns(model)
+    unload_paca(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
