@@ -250,7 +250,7 @@ class PaCACallback(BatchSeeding):
             _warn_if_resume_cannot_be_exact(trainer.train_dataloader)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        _sync_stale_columns(self._require_model())
+        sync_paca_columns(self._require_model())
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
@@ -265,7 +265,9 @@ class PaCACallback(BatchSeeding):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        _sync_stale_columns(self._require_model())
+        # Layers with auto_sync off (torch.compile, FSDP2) need the write after each step; for
+        # the others it repeats their next forward's write (out x r values per layer).
+        sync_paca_columns(self._require_model())
         if not self.log_throughput:
             return
         # CUDA and HPU return before the work is done: wait for the device at the window's ends
@@ -448,12 +450,6 @@ def _overrides_configure_model(pl_module: LightningModule) -> bool:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     return is_overridden("configure_model", pl_module)
-
-
-def _sync_stale_columns(model: nn.Module) -> None:
-    for _, layer in paca_layers(model):
-        if layer.paca_enabled and not layer.columns_are_synced():
-            layer.sync_columns_()
 
 
 def _trainable_keys(pl_module: LightningModule) -> list[str]:

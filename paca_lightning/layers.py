@@ -14,11 +14,13 @@ layer, and backward needs only the ``r`` matching columns of the layer input::
 
 Invariant: at every use of the layer (forward, backward, recompute under checkpointing, eval)
 the weight holds ``W[:, S] == (s * P).to(W.dtype)``. `PaCALinear` keeps it by writing the ``r``
-columns into ``W`` whenever ``P`` or ``W`` changed since the last write (an optimizer step, a
-``load_state_dict``), detected through the tensors' version counters: no iteration counter, no
-knowledge of gradient accumulation needed, and eval forwards between steps see the trained
-weight. The pretrained columns are kept (``paca_base_columns``) so the base model can be
-restored exactly.
+columns (out x r values, negligible beside the matmul) into ``W`` at the start of every forward:
+no iteration counter, no knowledge of gradient accumulation, and nothing to detect, so eval
+forwards between steps, ``load_state_dict`` and optimizers that update ``P`` behind autograd's
+back (fused AdamW, 8-bit optimizers, ``.data`` writes) all see the trained weight. The write
+does not bump ``W``'s autograd version: the values it writes are those every pending backward
+of this layer was built with. The pretrained columns are kept (``paca_base_columns``) so the
+base model can be restored exactly.
 
 transformers' GPT-2 ``Conv1D`` stores its weight transposed (in x out); there the columns of
 the math above are rows of the stored tensor. ``paca_weight`` is (out x r) for both layouts.
@@ -89,7 +91,8 @@ class PaCAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dy = grad_output.reshape(-1, grad_output.shape[-1])
             xs = x_columns.reshape(-1, x_columns.shape[-1])
-            grad_paca = (dy.t() @ xs).mul_(ctx.scaling).to(ctx.paca_dtype)
+            # scale in the columns' dtype: scaling a low-precision product first would round twice
+            grad_paca = (dy.t() @ xs).to(ctx.paca_dtype).mul_(ctx.scaling)
         return grad_x, None, grad_bias, grad_paca, None, None, None
 
 
@@ -159,7 +162,6 @@ class PaCALinear(nn.Module):
         self.delta_form = False
         # The original module, unregistered: `merged_module`/`base_module` hand it back.
         self._base_module = (base,)
-        self._synced = None
         self.sync_columns_()
 
     @property
@@ -184,33 +186,24 @@ class PaCALinear(nn.Module):
                                "Under FSDP1 use paca_lightning.distributed.PaCAFSDPStrategy (or "
                                "use_delta_form(model) before wrapping); under FSDP2 shard_paca_model")
         columns = columns.to(self.weight.dtype)
+        # Through .data: the write leaves the weight's autograd version alone, so a graph that
+        # saved the weight (this layer used twice in one step, a reference forward under
+        # disable_paca between a forward and its backward) stays valid; see the module docstring.
+        weight = self.weight.data
         if self.transposed:
-            self.weight.index_copy_(0, self.paca_indices, columns.t())
+            weight.index_copy_(0, self.paca_indices, columns.t())
         else:
-            self.weight.index_copy_(1, self.paca_indices, columns)
-
-    def _state_key(self):
-        # Version counters change on every in-place update (optimizer steps, load_state_dict);
-        # data pointers change when a tensor is replaced (load_state_dict(assign=True), .to()).
-        p, w = self.paca_weight, self.weight
-        if isinstance(w, DTensor):  # a DTensor has no storage of its own: track its local shard
-            p, w = p.to_local(), w.to_local()
-        return (p._version, w._version, p.data_ptr(), w.data_ptr())
+            weight.index_copy_(1, self.paca_indices, columns)
 
     @torch.no_grad()
     def sync_columns_(self) -> None:
         """Write ``s * paca_weight`` into the weight's trained columns (out x r values)."""
         self._write_columns(self.paca_weight * self.scaling)
-        self._synced = self._state_key()
-
-    def columns_are_synced(self) -> bool:
-        # The delta form never reads trained columns from the weight: nothing to sync.
-        return self.delta_form or self._synced == self._state_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
             return _linear(x, self.weight, self.bias, self.transposed)
-        if self.auto_sync and self._synced != self._state_key():
+        if self.auto_sync and not self.delta_form:
             self.sync_columns_()
         if self.delta_form:
             delta = (self.paca_weight * self.scaling).to(self.weight.dtype) - self._read_columns()
@@ -223,14 +216,18 @@ class PaCALinear(nn.Module):
 
     @torch.no_grad()
     def set_paca_enabled(self, enabled: bool) -> None:
-        """Disable: the weight holds the pretrained columns; enable: the trained ones again."""
+        """Disable: the weight holds the pretrained columns; enable: the trained ones again.
+
+        Like every column write, this one leaves autograd's version counter alone, so a backward
+        must run with the layer in the state its forward ran in: `disable_paca` restores the
+        trained columns on exit, before the policy's backward of a reference-model pattern.
+        """
+        self.paca_enabled = enabled
         if enabled:
-            self.paca_enabled = True
-            self.sync_columns_()
-        else:
+            if not self.delta_form:
+                self.sync_columns_()
+        elif not self.delta_form:
             self._write_columns(self.paca_base_columns)
-            self.paca_enabled = False
-            self._synced = None
 
     def _release(self) -> nn.Module:
         base = self._base_module[0]

@@ -256,7 +256,7 @@ class QuantizedPaCAFunction(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             xs = x_columns.reshape(-1, x_columns.shape[-1])
-            grad_paca = (dy.t() @ xs).mul_(layer.scaling).to(paca_weight.dtype)
+            grad_paca = (dy.t() @ xs).to(paca_weight.dtype).mul_(layer.scaling)  # one rounding
         if ctx.needs_input_grad[2]:
             grad_bias = dy.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_paca, grad_bias, None
@@ -387,9 +387,6 @@ class QuantizedPaCALinear(PaCALinear):
 
     def sync_columns_(self) -> None:
         """Nothing to write: every use substitutes ``paca_weight`` into a fresh dequantized copy."""
-
-    def columns_are_synced(self) -> bool:
-        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:

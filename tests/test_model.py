@@ -287,3 +287,58 @@ def test_without_auto_sync_columns_move_only_on_explicit_sync():
     assert torch.equal(layer.weight, before)  # forward trusted the (stale) columns
     sync_paca_columns(model)
     assert torch.equal(layer.weight.index_select(1, layer.paca_indices), layer.scaling * layer.paca_weight)
+
+
+def _columns_in_weights(model) -> bool:
+    return all(torch.equal(layer._read_columns(), (layer.paca_weight * layer.scaling).to(layer.weight.dtype))
+               for _, layer in paca_layers(model))
+
+
+@pytest.mark.parametrize("update", ["fused_adamw", "data_write"])
+def test_updates_that_autograd_does_not_see_still_reach_the_weight(update):
+    # Fused optimizers (and 8-bit ones, and .data writes) change paca_weight without bumping its
+    # autograd version: every forward must still compute with the updated columns.
+    reference = apply_paca(make_tiny_llama(seed=2), PaCAConfig(rank=4, alpha=8))
+    model = apply_paca(make_tiny_llama(seed=2), PaCAConfig(rank=4, alpha=8))
+    batch = token_batch()
+    if update == "fused_adamw":
+        optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, **options)
+                      for m, options in ((reference, {"foreach": False}), (model, {"fused": True}))]
+        for _ in range(3):
+            for trained, optimizer in zip((reference, model), optimizers):
+                trained(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=1e-4, atol=1e-5)
+    else:
+        layer = model.model.layers[0].self_attn.q_proj
+        versions = layer.paca_weight._version
+        layer.paca_weight.data.mul_(3.0)
+        assert layer.paca_weight._version == versions  # invisible to version counters
+        with torch.no_grad():
+            model(**batch)
+    assert _columns_in_weights(model)
+
+
+def test_a_reference_forward_under_disable_paca_between_forward_and_backward_changes_no_gradient():
+    # The DPO / KL-to-reference pattern: policy forward, reference forward with PaCA disabled,
+    # then the policy's backward.
+    model = apply_paca(make_tiny_llama(seed=4), PaCAConfig(rank=4, alpha=8))
+    perturb = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in paca_layers(model):
+            layer.paca_weight.add_(torch.randn(layer.paca_weight.shape, generator=perturb) * 0.05)
+    batch = token_batch()
+    model(**batch).loss.backward()
+    expected = {name: layer.paca_weight.grad.clone() for name, layer in paca_layers(model)}
+    model.zero_grad()
+
+    loss = model(**batch).loss
+    with disable_paca(model), torch.no_grad():
+        base_logits = model(**batch).logits
+    loss.backward()
+    for name, layer in paca_layers(model):
+        torch.testing.assert_close(layer.paca_weight.grad, expected[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, base_logits)
