@@ -27,6 +27,12 @@ weights has to be told how the invariant ``W[:, S] == (s * P).to(W.dtype)`` surv
   (`replicate_trainable`, FSDP1's ``ignored_states``): whole on every rank, gradients averaged
   by an all-reduce hook. Gradient and optimizer memory per rank is then the trainable size.
 - **DDP**: every rank holds whole weights; the default forward-time sync is already exact.
+- **QPaCA under FSDP2**: a quantized layer's weight is a plain Parameter of packed bytes with the
+  quantization state kept on the layer (`paca_lightning.quantized`), so ``fully_shard`` shards
+  the bytes like any parameter (FSDP2 gathers mixed dtypes as bytes; mixed precision leaves
+  integer tensors alone), and the layer dequantizes the copy FSDP2 gathers for its forward and
+  backward. The base is never written, so there is nothing to keep in sync. FSDP1 is refused: a
+  FlatParameter holds one dtype.
 
 Adapter saves gather every rank's shard (`save_sharded_adapter`); merged exports gather the full
 state dict and write it from rank 0 (`export_merged`).
@@ -34,6 +40,7 @@ state dict and write it from rank 0 (`export_merged`).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,6 +55,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .adapter import adapter_state, write_adapter
 from .layers import PaCALinear
 from .model import paca_layers, set_paca_auto_sync, sync_paca_columns
+from .quantized import QuantizedPaCALinear
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
 _WRAPPER_NAME_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -79,18 +87,22 @@ def write_local_columns(layer: PaCALinear, columns: torch.Tensor) -> None:
             f"be sharded like paca_weight's rows (dim 0), i.e. weight placements {expected}. Use "
             "paca_lightning.distributed.shard_paca_model, or fully_shard(module, "
             "shard_placement_fn=paca_shard_placement(model))")
-    if isinstance(columns, DTensor):
-        local_columns = columns.to_local()
-    else:  # a full (out x r) tensor: take this rank's rows, located like paca_weight's shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-        shape, offset = compute_local_shape_and_global_offset(paca.shape, paca.device_mesh, paca.placements)
-        local_columns = columns[offset[0]:offset[0] + shape[0]]
+    local_columns = columns.to_local() if isinstance(columns, DTensor) else local_rows(columns, paca)
     local_weight = weight.to_local()
     local_columns = local_columns.to(device=local_weight.device, dtype=local_weight.dtype)
     if layer.transposed:
         local_weight.index_copy_(0, layer.paca_indices.to(local_weight.device), local_columns.t())
     else:
         local_weight.index_copy_(1, layer.paca_indices.to(local_weight.device), local_columns)
+
+
+def local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's rows of ``full`` (a whole tensor shaped like ``like``), the rows ``like``'s
+    local shard holds; e.g. the pretrained columns (a buffer, whole on every rank) that belong
+    beside this rank's shard of ``paca_weight``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[offset[0]:offset[0] + shape[0]]
 
 
 def paca_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Optional[Shard]]:
@@ -159,7 +171,6 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
 
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
-    _refuse_quantized([model], "FSDP2")
     _refuse_uneven_conv1d(model, mesh)
     blocks = decoder_layers(model, layer_classes)
     set_paca_auto_sync(model, False)
@@ -346,6 +357,10 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
         weight = state[prefix + "weight"]
+        if isinstance(layer, QuantizedPaCALinear):  # QPaCA: the dense weight, as merge_paca exports it
+            weight = state[prefix + "weight"] = layer.dequantize_packed(weight, layer.merge_dtype).cpu()
+            if prefix + "bias" in state:
+                state[prefix + "bias"] = state[prefix + "bias"].to(layer.merge_dtype)
         indices = state.pop(prefix + "paca_indices")
         columns = (state.pop(prefix + "paca_weight") * layer.scaling).to(weight.dtype)
         state.pop(prefix + "paca_base_columns")
@@ -374,6 +389,11 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
         # fully_shard swaps the class for an "FSDP<Name>" subclass; build the user's class.
         from torch.distributed.fsdp import FSDPModule
         model_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
+        if any(isinstance(layer, QuantizedPaCALinear) for _, layer in paca_layers(inner)):
+            # the merged QPaCA weights are dense: a saved quantization_config would quantize them again
+            config = copy.deepcopy(config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
         with torch.device("meta"):
             plain = model_class._from_config(config)
         plain.load_state_dict(state, strict=True, assign=True)
@@ -392,15 +412,15 @@ def _paca_models(module: nn.Module) -> list[nn.Module]:
     return [m for name, m in found if not any(other and name.startswith(other + ".") for other, _ in found)]
 
 
-def _refuse_quantized(models: list[nn.Module], engine: str) -> None:
+def _refuse_quantized_under_fsdp1(models: list[nn.Module]) -> None:
     for model in models:
         for name, layer in paca_layers(model):
-            if getattr(layer, "kind", None) in ("4bit", "8bit"):
+            if isinstance(layer, QuantizedPaCALinear):
                 raise NotImplementedError(
-                    f"{engine} cannot shard the quantized PaCA layer {name!r} (QPaCA): bitsandbytes keeps "
-                    "each weight's quantization state (block scales, shape) beside the packed bytes, and "
-                    "sharding the bytes alone would separate them. Train QPaCA with one process per model "
-                    "replica (a 70B base in 4-bit is about 35 GB), e.g. strategy='ddp', or shard a bf16 base")
+                    f"FSDP1 cannot shard the quantized PaCA layer {name!r} (QPaCA): it flattens each unit's "
+                    "parameters into one tensor of a single dtype, and a QPaCA weight is packed integer bytes "
+                    "beside floating-point norms. Shard QPaCA with FSDP2 (strategy=PaCAModelParallelStrategy(), "
+                    "or shard_paca_model), which gathers mixed dtypes, or use strategy='ddp'")
 
 
 class PaCAModelParallelStrategy(ModelParallelStrategy):
@@ -440,7 +460,6 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
         if not models:
             raise RuntimeError(f"{type(self).__name__} found no PaCA model in {type(self.model).__name__}; adapt "
                                "it in configure_model (PaCAFineTuneModule and PaCACallback do)")
-        _refuse_quantized(models, "FSDP2")
         for model in models:
             if not any(isinstance(p, DTensor) for p in model.parameters()):
                 shard_paca_model(model, self.device_mesh["data_parallel"], **self._shard_kwargs)
@@ -565,7 +584,7 @@ class PaCAFSDPStrategy(FSDPStrategy):
         if not models:
             raise RuntimeError(f"{type(self).__name__} found no PaCA model in {type(model).__name__}; adapt it "
                                "in __init__ or configure_model (PaCAFineTuneModule and PaCACallback do)")
-        _refuse_quantized(models, "FSDP1")
+        _refuse_quantized_under_fsdp1(models)
         for paca_model in models:
             use_delta_form(paca_model)
         replicated = [param for paca_model in models for param in replicate_trainable(paca_model)]

@@ -60,7 +60,7 @@ def _selected(name: str, selector, all_linear_names: set[str]) -> bool:
 
 
 def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every alias: `_refuse_shared` checks them
     heads = _output_head_names(model)
     all_linear = {name for name, m in modules.items() if _is_linear_like(m) and name not in heads}
     chosen = {name: m for name, m in modules.items()
@@ -88,6 +88,36 @@ def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
                             "Linear4bit/Linear8bitLt layers only. "
                             f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
     return chosen
+
+
+def _refuse_shared(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
+    """Refuse targets that are not one layer with one weight of its own.
+
+    PaCA writes trained columns into the weight in place and computes their gradient from this
+    layer's use alone. A weight tied to another module (an output head tied to the input
+    embedding) would change that module too and miss its share of the gradient; a module
+    registered under two names would be replaced under one and keep training under the other.
+    """
+    module_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+    param_names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(param), []).append(name)
+    for name, module in targets.items():
+        aliases = [other for other in module_names.get(id(module), []) if other != name]
+        if aliases:
+            raise ValueError(f"module {name!r} is also registered as {aliases[:3]}; PaCA replaces a layer "
+                             "under one name, so the other would keep the unadapted layer. Adapt a model in "
+                             f"which each layer has one name, or leave {name!r} out of target_modules")
+        weight_owners = [other for other in param_names.get(id(module.weight), []) if other != f"{name}.weight"]
+        if weight_owners:
+            raise ValueError(f"module {name!r} shares its weight with {weight_owners[:3]} (tied weights, e.g. "
+                             "an output head tied to the input embedding). PaCA trains columns of the weight "
+                             "in place, so the tied module would change too and the column gradient would "
+                             f"miss its part. Leave {name!r} out of target_modules (or add it to "
+                             "exclude_modules), or untie the weights first (transformers: "
+                             "config.tie_word_embeddings=False before loading)")
 
 
 def _examples(names: set[str], n: int = 4) -> list[str]:
@@ -133,10 +163,15 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     else:
         targets = _find_targets(model, config)
 
+    _refuse_shared(model, targets)
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
     check_quantized_targets(config.selection, config.quantize, targets)
     for name, module in targets.items():
+        if module.weight.is_meta:
+            raise ValueError(f"module {name!r} has its weight on the meta device (built under torch.device('meta') "
+                             "or an empty-init context, not loaded yet); PaCA starts paca_weight from the "
+                             "pretrained columns, so load or materialize the weights before apply_paca")
         rank, in_features = config.rank_for(name), in_features_of(module)
         if indices is None and rank > in_features:
             raise ValueError(f"PaCA rank {rank} for module {name!r} exceeds its in_features="

@@ -364,7 +364,10 @@ class QuantizedPaCALinear(PaCALinear):
         Reads ``self.weight`` as it is now: the whole tensor, or under FSDP2 the copy gathered for
         this forward or backward. The state follows the bytes to their device on first use.
         """
-        packed = self.weight.data
+        return self.dequantize_packed(self.weight.data, dtype)
+
+    def dequantize_packed(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantize ``packed``, this layer's whole weight bytes (e.g. gathered from shards)."""
         if self.kind == "4bit":
             if self.quant_state.absmax.device != packed.device:
                 self.quant_state.to(packed.device)

@@ -54,7 +54,9 @@ def gradient_scores(model: nn.Module, modules: Mapping[str, nn.Module],
 
     ``calibration`` is a batch for ``model(**batch).loss`` (so it must hold ``labels``) or a
     callable ``loss = calibration(model)``. Each layer's full weight gradient exists only until
-    its column norms are taken, so peak memory is one layer's gradient, not the model's.
+    its column norms are taken, so peak memory is one layer's gradient, not the model's. The
+    pass runs in eval mode (dropout off, each module's mode restored after), so the columns
+    depend on the weights and the batch only, not on the random state.
     """
     scores: dict[str, torch.Tensor] = {}
     handles, previously_trainable = [], {}
@@ -70,6 +72,8 @@ def gradient_scores(model: nn.Module, modules: Mapping[str, nn.Module],
             param.grad = None
 
         handles.append(weight.register_post_accumulate_grad_hook(take_scores))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
         if callable(calibration):
             loss = calibration(model)
@@ -86,6 +90,8 @@ def gradient_scores(model: nn.Module, modules: Mapping[str, nn.Module],
             raise ValueError(f"the calibration loss must be a scalar tensor, got {loss!r}")
         loss.backward()
     finally:
+        for module, training in modes.items():
+            module.train(training)
         for handle in handles:
             handle.remove()
         for name, module in modules.items():

@@ -104,3 +104,9 @@ def test_column_write_into_a_flattened_fsdp1_shard_is_refused_with_the_fix_named
     layer.weight = torch.nn.Parameter(layer.weight.detach().flatten()[:100], requires_grad=False)
     with pytest.raises(RuntimeError, match="PaCAFSDPStrategy"):
         layer.sync_columns_()
+
+
+def test_fsdp1_strategy_refuses_qpaca_and_names_fsdp2():
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4, alpha=8, quantize="nf4"))
+    with pytest.raises(NotImplementedError, match="single dtype.*PaCAModelParallelStrategy"):
+        PaCAFSDPStrategy()._setup_model(model)

@@ -342,3 +342,45 @@ def test_a_reference_forward_under_disable_paca_between_forward_and_backward_cha
         torch.testing.assert_close(layer.paca_weight.grad, expected[name], rtol=0, atol=0, msg=name)
     with torch.no_grad():
         assert not torch.equal(model(**batch).logits, base_logits)
+
+
+def test_a_target_whose_weight_is_tied_to_another_module_is_refused():
+    model = make_tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with \['model.embed_tokens.weight'\].*"
+                                         r"tie_word_embeddings=False"):
+        apply_paca(model, PaCAConfig(rank=4, target_modules=["lm_head"]))
+    apply_paca(model, PaCAConfig(rank=4))  # "all-linear" leaves the output head out
+    assert not isinstance(model.lm_head, PaCALinear)
+
+
+@pytest.mark.parametrize("target", ["first", "second"])
+def test_a_module_registered_under_two_names_is_refused_under_either(target):
+    model = nn.Module()
+    model.first = model.second = nn.Linear(8, 8)
+    other = "second" if target == "first" else "first"
+    with pytest.raises(ValueError, match=f"module '{target}' is also registered as \\['{other}'\\]"):
+        apply_paca(model, PaCAConfig(rank=2, target_modules=[target]))
+
+
+def test_gradient_selection_does_not_depend_on_dropout_or_the_global_random_state():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def selected(global_seed):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                           resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).train()
+        torch.manual_seed(global_seed)
+        apply_paca(model, PaCAConfig(rank=4, selection="gradient"), calibration=token_batch(seed=2))
+        assert model.training and all(m.training for m in model.modules())  # modes restored
+        return {name: layer.paca_indices for name, layer in paca_layers(model)}
+
+    first, second = selected(1), selected(2)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_model_whose_weights_are_not_materialized_is_refused():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="module '0' has its weight on the meta device.*before apply_paca"):
+        apply_paca(model, PaCAConfig(rank=2, target_modules=["0"]))

@@ -43,20 +43,22 @@ def samples() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def module() -> PaCAFineTuneModule:
+def module(weight_decay: float = 0.0) -> PaCAFineTuneModule:
     # min_lr_ratio=1: a constant learning rate, so the reference needs no schedule
-    return PaCAFineTuneModule(tiny_llama(), paca=CONFIG, learning_rate=2e-2, min_lr_ratio=1.0)
+    return PaCAFineTuneModule(tiny_llama(), paca=CONFIG, learning_rate=2e-2, min_lr_ratio=1.0,
+                              weight_decay=weight_decay)
 
 
-def reference(steps: int) -> dict[str, torch.Tensor]:
+def reference(steps: int, weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
     """One process, the whole global batch (every sample) per step: the trained columns."""
-    single = module()
+    single = module(weight_decay)
     single.configure_model()
     optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=2e-2,
                                   betas=single.betas, eps=single.eps, weight_decay=0.0)
     batch = torch.utils.data.default_collate(samples())
     for _ in range(steps):
         single.compute_loss(batch).backward()
+        single.on_before_optimizer_step(optimizer)  # the module's decay toward the pretrained columns
         optimizer.step()
         optimizer.zero_grad()
     return {name: layer.paca_weight.detach().clone() for name, layer in paca_layers(single.model)}
@@ -72,8 +74,9 @@ def strategy(kind: str):
     return "ddp"
 
 
-def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 1) -> PaCAFineTuneModule:
-    trained = module()
+def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 1,
+        weight_decay: float = 0.0) -> PaCAFineTuneModule:
+    trained = module(weight_decay)
     trainer = Trainer(accelerator="cpu", devices=2 // num_nodes, num_nodes=num_nodes, strategy=strategy(kind),
                       max_steps=max_steps,
                       default_root_dir=str(root), logger=False, enable_checkpointing=False,
@@ -120,6 +123,10 @@ def main(out: Path) -> None:
                 results[f"{kind}_merged_logits_error"] = (merged(ids).logits - expected(ids).logits).abs().max().item()
             results[f"{kind}_merged_has_no_paca_keys"] = not any("paca" in k for k in merged.state_dict())
         dist.barrier()
+    # decay toward the pretrained columns on FSDP2's row shards (the buffer is whole on each rank)
+    decayed = fit("fsdp2", out / "decay", max_steps=2, weight_decay=10.0)
+    results["fsdp2_weight_decay_step2_error"] = column_error(gathered_columns(decayed), reference(2, 10.0))
+    results["fsdp2_weight_decay_effect"] = column_error(gathered_columns(decayed), refs[2])
     # torchrun's 2 local processes presented as 2 nodes x 1 device (what torchrun sets on each
     # of 2 nodes): the data-parallel mesh must span num_nodes x devices (Lightning's own default
     # would make it num_nodes x 1, tensor-parallel within the node)

@@ -40,8 +40,9 @@ def tiny_gpt2(n_inner: int = 128) -> nn.Module:
                                       n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
-def adapted(make) -> nn.Module:
-    return apply_paca(make(), PaCAConfig(rank=4, alpha=8, target_modules="all-linear", bias="none"))
+def adapted(make, quantize=None) -> nn.Module:
+    return apply_paca(make(), PaCAConfig(rank=4, alpha=8, target_modules="all-linear", bias="none",
+                                         quantize=quantize))
 
 
 def global_batches() -> list[torch.Tensor]:
@@ -67,9 +68,9 @@ def train(model: nn.Module, optimizer, batches, *, split: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def reference(make) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def reference(make, quantize=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Single process on whole global batches: trained columns and merged weights."""
-    model = adapted(make)
+    model = adapted(make, quantize)
     train(model, optimizer_for(model), global_batches(), split=False)
     columns = {name: layer.paca_weight.detach().clone() for name, layer in paca_layers(model)}
     return columns, merged_state_dict(model)
@@ -124,8 +125,8 @@ def memory_report(model, optimizer, batch, make) -> dict[str, int]:
             "param_bytes_global": sum(p.numel() * p.element_size() for p in whole)}
 
 
-def run_fsdp2(make, *, sync: bool, activation_checkpointing: bool = False):
-    model = shard_paca_model(adapted(make), activation_checkpointing=activation_checkpointing)
+def run_fsdp2(make, *, sync: bool, activation_checkpointing: bool = False, quantize=None):
+    model = shard_paca_model(adapted(make, quantize), activation_checkpointing=activation_checkpointing)
     optimizer = optimizer_for(model)
     if sync:
         attach_column_sync(optimizer, model)
@@ -181,6 +182,16 @@ def main(out: Path) -> None:
             results["fsdp2_memory"] = memory_report(model, optimizer, global_batches()[0], tiny_llama)
         control, _ = run_fsdp2(make, sync=False)
         results[f"fsdp2_{name}_control_error"] = error_against(control, refs[name])
+
+    # QPaCA: the packed bytes shard like any parameter; each layer dequantizes the copy FSDP2
+    # gathers for its forward and backward, with the quantization state it keeps
+    for quantize in ("nf4", "int8"):
+        model, _ = run_fsdp2(tiny_llama, sync=True, activation_checkpointing=True, quantize=quantize)
+        results[f"fsdp2_qpaca_{quantize}_error"] = error_against(model, reference(tiny_llama, quantize))
+        layer = model.model.layers[0].mlp.down_proj
+        results[f"fsdp2_qpaca_{quantize}_weight_bytes"] = {
+            "local": bytes_of([layer.weight]), "global": layer.weight.numel() * layer.weight.element_size(),
+            "base_holds_bytes": layer.quantized_base.weight is not None}
 
     # fully_shard's default placement shards a Conv1D weight on its input dim: refused, not wrong
     from torch.distributed.fsdp import fully_shard
