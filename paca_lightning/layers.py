@@ -19,7 +19,7 @@ no iteration counter, no knowledge of gradient accumulation, and nothing to dete
 forwards between steps, ``load_state_dict`` and optimizers that update ``P`` behind autograd's
 back (fused AdamW, 8-bit optimizers, ``.data`` writes) all see the trained weight. The write
 does not bump ``W``'s autograd version: the values it writes are those every pending backward
-of this layer was built with. The pretrained columns are kept (``paca_base_columns``) so the
+of this layer was built with (a disabled layer computes on a copy and never writes ``W``). The pretrained columns are kept (``paca_base_columns``) so the
 base model can be restored exactly.
 
 transformers' GPT-2 ``Conv1D`` stores its weight transposed (in x out); there the columns of
@@ -202,7 +202,7 @@ class PaCALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
-            return _linear(x, self.weight, self.bias, self.transposed)
+            return _linear(x, self._pretrained_weight(), self.bias, self.transposed)
         if self.auto_sync and not self.delta_form:
             self.sync_columns_()
         if self.delta_form:
@@ -214,20 +214,23 @@ class PaCALinear(nn.Module):
                                       self.scaling, self.transposed)
         return _linear(x, self.weight, self.bias, self.transposed)
 
+    def _pretrained_weight(self) -> torch.Tensor:
+        """A transient copy of the weight with the pretrained columns: what a disabled layer uses.
+
+        The weight itself is not written, so switching PaCA off and on never changes a tensor a
+        pending backward saved (a reference forward under `disable_paca` between a forward and
+        its backward, as in DPO), at the cost of one weight-sized temporary per disabled forward.
+        """
+        weight = self.weight.detach().clone()
+        columns = self.paca_base_columns.to(weight.dtype)
+        if self.transposed:
+            return weight.index_copy_(0, self.paca_indices, columns.t())
+        return weight.index_copy_(1, self.paca_indices, columns)
+
     @torch.no_grad()
     def set_paca_enabled(self, enabled: bool) -> None:
-        """Disable: the weight holds the pretrained columns; enable: the trained ones again.
-
-        Like every column write, this one leaves autograd's version counter alone, so a backward
-        must run with the layer in the state its forward ran in: `disable_paca` restores the
-        trained columns on exit, before the policy's backward of a reference-model pattern.
-        """
+        """Disabled, the layer computes with the pretrained columns (`_pretrained_weight`)."""
         self.paca_enabled = enabled
-        if enabled:
-            if not self.delta_form:
-                self.sync_columns_()
-        elif not self.delta_form:
-            self._write_columns(self.paca_base_columns)
 
     def _release(self) -> nn.Module:
         base = self._base_module[0]
@@ -238,15 +241,14 @@ class PaCALinear(nn.Module):
 
     def merged_module(self) -> nn.Module:
         """The original layer type, its weight holding the trained columns: no PaCA needed."""
-        if self.paca_enabled:
-            self.sync_columns_()
-        else:
-            self.set_paca_enabled(True)
+        self.paca_enabled = True
+        self.sync_columns_()
         return self._release()
 
     def base_module(self) -> nn.Module:
         """The original layer type with its pretrained weight restored bit for bit."""
-        self.set_paca_enabled(False)
+        self.paca_enabled = False
+        self._write_columns(self.paca_base_columns)
         return self._release()
 
     def extra_repr(self) -> str:

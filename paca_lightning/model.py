@@ -266,7 +266,13 @@ def _release_all(model: nn.Module, merged: bool, quantized_export: Optional[dict
 
 @contextlib.contextmanager
 def disable_paca(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every PaCA layer computes with its pretrained columns."""
+    """Within the block, every PaCA layer computes with its pretrained columns.
+
+    Each layer uses a transient copy of its weight with the pretrained columns (one weight-sized
+    temporary per layer call); the weight is not written, so graphs built before or inside the
+    block backpropagate exactly, e.g. a DPO reference forward between the policy's forward and
+    backward.
+    """
     layers = [layer for _, layer in paca_layers(model)]
     for layer in layers:
         layer.set_paca_enabled(False)

@@ -170,10 +170,24 @@ def test_disable_restores_pretrained_columns_bit_for_bit_and_enable_restores_tra
     x = torch.randn(4, layer.in_features)
     trained_out = layer(x)
     layer.set_paca_enabled(False)
-    assert torch.equal(layer.weight, original)
     torch.testing.assert_close(layer(x), F.linear(x, original, layer.bias), rtol=0, atol=0)
     layer.set_paca_enabled(True)
     torch.testing.assert_close(layer(x), trained_out, rtol=0, atol=0)
+    assert torch.equal(layer.base_module().weight, original)  # unloading writes the pretrained columns back
+
+
+def test_a_backward_run_while_disabled_still_uses_the_weight_its_forward_used():
+    layer = PaCALinear(make_base("linear", True), torch.tensor([0, 5]), 2.0)
+    with torch.no_grad():
+        layer.paca_weight.add_(0.3)
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    expected = x.grad.clone(), layer.paca_weight.grad.clone()
+    x.grad, layer.paca_weight.grad = None, None
+    y = layer(x)
+    layer.set_paca_enabled(False)
+    y.sum().backward()
+    assert torch.equal(x.grad, expected[0]) and torch.equal(layer.paca_weight.grad, expected[1])
 
 
 def test_inference_mode_and_no_grad_use_trained_columns():
