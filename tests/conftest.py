@@ -50,6 +50,17 @@ def saved_bytes(fn, parameters=()):
     return sum(storages.values()), saved, result
 
 
+@pytest.fixture(autouse=True)
+def _restore_lightning_rank():
+    """A Trainer built for a non-zero rank (tests of multi-process wiring) sets Lightning's global
+    rank-zero marker, which would silence the logging and warnings of every later test."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only  # the same object as Fabric's
+
+    saved = rank_zero_only.rank
+    yield
+    rank_zero_only.rank = saved
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

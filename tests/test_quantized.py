@@ -109,6 +109,7 @@ def test_quantize_option_selects_columns_on_full_precision_weights():
 
 
 def test_bf16_compute_matches_dense_bf16_linear_and_returns_input_dtype():
+    torch.manual_seed(0)
     base = nn.Linear(64, 32, bias=True)
     model = nn.Sequential(base)
     apply_paca(model, PaCAConfig(rank=8, alpha=8, target_modules=["0"], quantize="nf4", bias="all"))

@@ -6,9 +6,11 @@ many properties and its JSON findings are shared by every test that needs them.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ def results(script: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def _launch(script: str):
     out_dir = Path(tempfile.mkdtemp(prefix=f"paca_{Path(script).stem}_"))
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)  # checkpoints of every run: tens of MB
     try:
         run_torchrun(script, out_dir)
     except (AssertionError, subprocess.TimeoutExpired) as error:
