@@ -13,8 +13,10 @@ One process runs the script directly. Several (``--devices`` > 1 or ``--num-node
 started by torchrun, as ``fabric run`` does. A ``Trainer`` ignores the launcher's environment
 (it runs DDP only when told ``devices=N``), so the launch options also reach the script: as
 ``LT_*`` variables (Fabric reads them) and, for LightningCLI scripts such as the recipes, as
-``--trainer.accelerator/devices/num_nodes/strategy`` arguments placed before the user's own, so
-an explicit ``--trainer.devices`` after the script name still wins.
+``--trainer.accelerator/devices/num_nodes/strategy`` arguments placed after the user's last
+``--config`` (LightningCLI applies arguments in order, so a config's ``devices: 1`` would
+otherwise undo ``--devices 8``) and before the rest, so an explicit ``--trainer.devices`` after
+the script name still wins.
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ def trainer_arguments(args: argparse.Namespace) -> list[str]:
     return [f"--trainer.{name}={value}" for name, value in given.items() if value is not None]
 
 
+def place_trainer_arguments(trainer_args: list[str], script_args: list[str]) -> list[str]:
+    """``script_args`` with ``trainer_args`` inserted right after its last ``--config FILE``."""
+    after = 0
+    for index, argument in enumerate(script_args):
+        if argument == "--config":
+            after = index + 2
+        elif argument.startswith("--config="):
+            after = index + 1
+    return script_args[:after] + trainer_args + script_args[after:]
+
+
 def launch_environment(args: argparse.Namespace) -> dict[str, str]:
     """The ``LT_*`` variables Fabric reads, as ``fabric run`` sets them."""
     environment = {"LT_CLI_USED": "1", "LT_DEVICES": str(args.devices or "auto"), "LT_NUM_NODES": str(args.num_nodes)}
@@ -101,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as error:
         print(f"lightning run: {error}", file=sys.stderr)
         return 2
-    script_args = trainer_arguments(args) + list(args.script_args)
+    script_args = place_trainer_arguments(trainer_arguments(args), list(args.script_args))
     os.environ.update(launch_environment(args))
     if nprocs == 1 and args.num_nodes == 1:
         sys.argv = [str(script), *script_args]
@@ -109,7 +122,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             runpy.run_path(str(script), run_name="__main__")
         except SystemExit as exit_:
-            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if exit_.code is None or isinstance(exit_.code, int):
+                return exit_.code or 0
+            print(exit_.code, file=sys.stderr)  # sys.exit("message"): the message, as Python prints it
+            return 1
         return 0
     import torch.distributed.run as torchrun
 

@@ -8,7 +8,7 @@
 The defaults below are the offline demo: the tiny LLaMA-architecture model in the package
 assets (pretrained by ``scripts/pretrain_tiny_base.py`` on Python's own documentation), its
 byte-level tokenizer, and the OASST1-schema sample written for this project. It runs on CPU in
-a couple of minutes and ends by printing the loss, tokens/s, a sample reply and the paths of the
+well under a minute (about 15 s on 2 cores) and ends by printing the loss, tokens/s, a sample reply and the paths of the
 adapter, the merged model and the loss curve.
 """
 
@@ -31,6 +31,7 @@ DEMO_DEFAULTS = {
     "trainer.max_steps": 120,
     "trainer.log_every_n_steps": 10,
     "trainer.val_check_interval": 40,
+    "checkpoint.every_n_train_steps": 40,
     "trainer.check_val_every_n_epoch": None,
     "trainer.default_root_dir": "out/oasst1",
     "trainer.enable_model_summary": False,

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from paca_lightning import PaCAFineTuneModule
@@ -137,15 +138,27 @@ class RecipeCLI(LightningCLI):
             torch.set_num_threads(self.config.cpu_threads)
 
     def fit(self) -> L.Trainer:
-        """Train with the parsed configuration, then print the report."""
-        self.trainer.fit(self.model, datamodule=self.datamodule)
+        """Train with the parsed configuration (resuming from ``--ckpt_path``), then print the report."""
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath is None:
+            # One folder per run directory, not per logger version: --ckpt_path last finds the
+            # previous run's last.ckpt (Lightning's default would look in a fresh version_N/).
+            checkpoint.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+        self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
         self.after_fit()
         return self.trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--cpu_threads", type=Optional[int], default=None,
                             help="torch intra-op threads (torch.set_num_threads); default: torch's choice")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="resume from this checkpoint; 'last' = the newest last.ckpt of this run's "
+                                 "checkpoint folder (written every --checkpoint.every_n_train_steps)")
         parser.link_arguments("model.model", "data.tokenizer")
+        # One checkpoint callback, configurable as --checkpoint.*: a last.ckpt every N optimizer
+        # steps, so a killed run resumes with --ckpt_path last (Lightning's default saves per epoch).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
         parser.add_lightning_class_args(RecipeReport, "report")
         for name, callback_class in self.extra_callbacks.items():
             parser.add_lightning_class_args(callback_class, name)
@@ -165,10 +178,11 @@ class RecipeCLI(LightningCLI):
         for label, directory in (("adapter", root / adapter), ("merged model", root / MERGED_DIRNAME)):
             if directory.exists():
                 outputs.append((label, directory))
-        checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or \
-            getattr(trainer.checkpoint_callback, "last_model_path", "")
-        if checkpoint:
-            outputs.append(("checkpoint", Path(checkpoint).resolve()))
+        # last.ckpt first: what --ckpt_path last resumes from
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "best_model_path", "")
+        outputs.append(("checkpoint", Path(checkpoint).resolve() if checkpoint else
+                        "none written (the run ended before --checkpoint.every_n_train_steps steps)"))
         outputs.append(("config", Path(log_dir or root).resolve() / "config.yaml"))
         lines += [f"{label + ':':<14}{path}" for label, path in outputs]
         lines.append("=" * 72)

@@ -16,11 +16,32 @@ def parse(*argv):
 def test_multi_process_launch_builds_the_torchrun_command_like_fabric_run():
     args = parse("--devices", "4", "--num-nodes", "2", "--node-rank", "1", "--main-address", "10.0.0.1",
                  "--main-port", "1234", "--strategy", "fsdp", "recipes/oasst1.py", "--config", "a.yaml")
-    script_args = launcher.trainer_arguments(args) + args.script_args
+    script_args = launcher.place_trainer_arguments(launcher.trainer_arguments(args), args.script_args)
     assert launcher.torchrun_arguments(args, script_args) == [
         "--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=1234",
-        "recipes/oasst1.py", "--trainer.devices=4", "--trainer.strategy=fsdp", "--trainer.num_nodes=2",
-        "--config", "a.yaml"]
+        "recipes/oasst1.py", "--config", "a.yaml", "--trainer.devices=4", "--trainer.strategy=fsdp",
+        "--trainer.num_nodes=2"]
+
+
+def test_launch_options_go_after_the_last_config_and_before_the_users_own_arguments():
+    place = launcher.place_trainer_arguments
+    assert place(["--trainer.devices=2"], ["--x=1"]) == ["--trainer.devices=2", "--x=1"]
+    assert place(["--trainer.devices=2"], ["--config", "a.yaml", "--config=b.yaml", "--trainer.devices=3"]) == [
+        "--config", "a.yaml", "--config=b.yaml", "--trainer.devices=2", "--trainer.devices=3"]
+
+
+def test_a_recipe_config_does_not_undo_the_launch_options(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    config = tmp_path / "config.yaml"
+    config.write_text("trainer:\n  accelerator: gpu\n  max_steps: 3\n")
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "oasst1.py"
+    result = subprocess.run([sys.executable, "-m", "paca_lightning.launcher", "run", "--accelerator", "cpu",
+                             str(recipe), "--config", str(config), "--print_config"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "  accelerator: cpu" in result.stdout and "  max_steps: 3" in result.stdout
 
 
 def test_trainer_arguments_mirror_only_the_options_given_and_can_be_turned_off():
@@ -62,6 +83,16 @@ def test_single_process_runs_the_script_in_place_with_its_arguments(tmp_path, mo
     assert json.loads(record.read_text()) == {"argv": ["--trainer.accelerator=cpu", "--data.batch_size=2"],
                                               "devices": "auto", "name": "__main__"}
     assert launcher.main(["run", str(script), "--fail"]) == 3
+
+
+def test_a_script_exiting_with_a_message_prints_it_and_fails(tmp_path, capsys, monkeypatch):
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nsys.exit('the data folder is empty')\n")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert launcher.main(["run", str(script)]) == 1
+    assert "the data folder is empty" in capsys.readouterr().err
 
 
 def test_two_devices_go_through_torchrun(tmp_path, monkeypatch):

@@ -58,6 +58,17 @@ def test_oasst1_recipe_trains_reports_and_writes_a_merged_model_plain_transforme
         torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits)
 
 
+def test_a_recipe_run_checkpoints_every_n_steps_and_resumes_from_the_last(tmp_path):
+    first = run_recipe("oasst1.py", "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=2",
+                       "--report.sample_prompt=", tmp_path=tmp_path)
+    last = printed_path(first, "checkpoint")
+    assert last.name == "last.ckpt" and torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = run_recipe("oasst1.py", "--trainer.max_steps=6", "--checkpoint.every_n_train_steps=2",
+                         "--report.sample_prompt=", "--ckpt_path=last", tmp_path=tmp_path)
+    assert "Restoring states from the checkpoint" in resumed
+    assert torch.load(printed_path(resumed, "checkpoint"), weights_only=False)["global_step"] == 6
+
+
 def test_mmlu_recipe_reports_accuracy_per_subject_before_and_after(tmp_path):
     output = run_recipe("mmlu.py", "--trainer.max_steps=2", tmp_path=tmp_path)
     for when in ("before", "after"):
