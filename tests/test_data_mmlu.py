@@ -1,9 +1,11 @@
 """MMLU: the k-shot prompt, letter scoring by log-likelihood, per-subject accuracy, the data module."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
-from types import SimpleNamespace
 
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.collation import IGNORE_INDEX
@@ -104,3 +106,11 @@ def test_subject_filter_and_missing_split_errors(tmp_path):
     (tmp_path / "test.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="auxiliary_train"):
         MMLUDataModule(data_path=str(tmp_path)).setup("fit")
+
+
+def test_a_single_mmlu_file_is_refused_since_it_would_be_trained_on_and_scored(tmp_path):
+    single = tmp_path / "test.jsonl"
+    single.write_text(json.dumps({"question": "q", "subject": "astronomy", "choices": ["a", "b", "c", "d"],
+                                  "answer": 0}) + "\n")
+    with pytest.raises(ValueError, match="single file.*auxiliary_train.jsonl, dev.jsonl, test.jsonl"):
+        MMLUDataModule(data_path=str(single)).setup("fit")

@@ -220,3 +220,21 @@ def test_missing_local_path_and_offline_hub_name_explain_the_fix(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="--data.data_path"):
         OASST1DataModule(data_path="OpenAssistant/oasst1").setup("fit")
+
+
+def test_an_empty_or_unreadable_local_file_is_named_with_what_was_expected(tmp_path, monkeypatch):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"train.jsonl'\] is empty"):
+        OASST1DataModule(data_path=str(empty)).setup("fit")
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text("this is not json\n{also not\n")
+    with pytest.raises(ValueError, match=r"cannot read split 'train' from .*garbled.jsonl.*Expected JSON"):
+        OASST1DataModule(data_path=str(garbled)).setup("fit")
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConnectionError, match=r"'data/oasst1' is no local file or directory \(looked in .*\)"):
+        OASST1DataModule(data_path="data/oasst1").setup("fit")

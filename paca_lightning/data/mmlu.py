@@ -28,7 +28,9 @@ Fine-tuning uses the same format without the exemplars: the loss is on the answe
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -221,6 +223,12 @@ class MMLUDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.eval_examples:
             return
+        if Path(os.path.expanduser(self.data_path)).is_file():
+            raise ValueError(f"MMLUDataModule.data_path={self.data_path!r} is a single file, which would be "
+                             f"fine-tuned on ({self.train_split}), give the few-shot exemplars ({self.dev_split}) "
+                             f"and be scored ({self.eval_split}) at once. Give a directory holding one file per "
+                             f"split: {self.train_split}.jsonl, {self.dev_split}.jsonl, {self.eval_split}.jsonl "
+                             "(or .json/.parquet), or the hub name cais/mmlu")
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.letter_ids = letter_token_ids(self.tokenizer)
         # auxiliary_train has no subject; filtering it by subject would empty it

@@ -52,10 +52,19 @@ def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] 
                     f"{what}: no .json/.jsonl/.parquet file for split {split!r} under {path}. Name files "
                     f"after the split (e.g. {split}.jsonl) or pass the file itself.")
             return None
+        empty = [str(f) for f in files if f.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"{what}: {empty[:3]} {'is' if len(empty) == 1 else 'are'} empty; split {split!r} "
+                             "needs rows in the dataset's schema")
         bars_were_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a bar per small local file is noise, not progress
         try:
             dataset = datasets.load_dataset(_builder_for(files), data_files=[str(f) for f in files], split="train")
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:
+            cause = error.__cause__ or error
+            raise ValueError(f"{what}: cannot read split {split!r} from {[str(f) for f in files][:3]}: "
+                             f"{type(cause).__name__}: {cause}. Expected JSON (one object per line for "
+                             ".jsonl, or a list of objects) or Parquet rows in the dataset's schema") from error
         finally:
             if bars_were_enabled:
                 datasets.enable_progress_bars()
@@ -74,7 +83,8 @@ def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] 
     except (ConnectionError, OSError, FileNotFoundError) as error:
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise ConnectionError(
-            f"{what}: could not load hub dataset {source!r}{hint}: {error}\nOffline, point at local files "
+            f"{what}: {source!r} is no local file or directory (looked in {os.getcwd()}) and could not be "
+            f"loaded as a hub dataset{hint}: {error}\nOffline, point at local files "
             f"in the same schema instead, e.g. --data.data_path=/path/to/{split}.jsonl or a directory "
             "holding train/validation .jsonl or .parquet files.") from None
 
