@@ -168,6 +168,9 @@ class PaCACallback(BatchSeeding):
             ``save_pretrained`` format, with the module's ``tokenizer`` attribute if it has one.
         log_throughput: log ``train/tokens_per_s``, ``train/samples_per_s`` and
             ``train/peak_memory_gb`` every ``trainer.log_every_n_steps`` optimizer steps.
+        progress_lines: also print those figures as one plain line (step/total, loss, tokens/s,
+            elapsed, ETA) on rank 0. ``None``: when standard output is not a terminal (batch jobs,
+            ``nohup``, SLURM logs), where a progress bar only shows its last frame.
         seed_each_batch: seed torch's global RNG before every training batch (`BatchSeeding`),
             which is what makes a resumed run bit-identical.
     """
@@ -176,7 +179,7 @@ class PaCACallback(BatchSeeding):
                  calibration: Optional[Calibration] = None, adapter_only_checkpoints: bool = True,
                  atomic_checkpoints: bool = True, save_adapter_on_fit_end: bool = True,
                  save_merged_on_fit_end: bool = True, log_throughput: bool = True,
-                 seed_each_batch: bool = True) -> None:
+                 progress_lines: Optional[bool] = None, seed_each_batch: bool = True) -> None:
         if not isinstance(config, PaCAConfig):
             raise TypeError(f"PaCACallback needs a PaCAConfig, got {type(config).__name__}")
         super().__init__(seed_each_batch)
@@ -188,6 +191,7 @@ class PaCACallback(BatchSeeding):
         self.save_adapter_on_fit_end = save_adapter_on_fit_end
         self.save_merged_on_fit_end = save_merged_on_fit_end
         self.log_throughput = log_throughput
+        self.progress_lines = progress_lines
         self.model: Optional[nn.Module] = None
         self._window_start: Optional[float] = None
         self._window_tokens = self._window_samples = 0
@@ -246,6 +250,7 @@ class PaCACallback(BatchSeeding):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         sync_paca_columns(self._require_model())  # covers values restored by load_state_dict
         self._window_start, self._window_tokens, self._window_samples = None, 0, 0
+        self._fit_started = time.perf_counter()
         if trainer.checkpoint_callbacks:
             _warn_if_resume_cannot_be_exact(trainer.train_dataloader)
 
@@ -284,10 +289,15 @@ class PaCACallback(BatchSeeding):
             synchronize_device(pl_module.device)
             now = time.perf_counter()
             seconds = now - self._window_start
-            pl_module.log_dict({"train/tokens_per_s": self._window_tokens / seconds,
-                                "train/samples_per_s": self._window_samples / seconds,
-                                "train/peak_memory_gb": peak_memory_bytes(pl_module.device) / 2**30},
-                               on_step=True, on_epoch=False, sync_dist=False)
+            figures = {"train/tokens_per_s": self._window_tokens / seconds,
+                       "train/samples_per_s": self._window_samples / seconds,
+                       "train/peak_memory_gb": peak_memory_bytes(pl_module.device) / 2**30}
+            pl_module.log_dict(figures, on_step=True, on_epoch=False, sync_dist=False)
+            if trainer.is_global_zero and (not sys.stdout.isatty() if self.progress_lines is None
+                                           else self.progress_lines):
+                steps_per_second = (step - max(self._last_logged_step, 0)) / seconds
+                print(_progress_line(trainer, outputs, figures, steps_per_second,
+                                     now - self._fit_started), flush=True)
             self._window_start, self._window_tokens, self._window_samples = now, 0, 0
             self._last_logged_step = step
 
@@ -444,6 +454,27 @@ def _warn_if_resume_cannot_be_exact(train_dataloaders: Any) -> None:
             rank_zero_warn("PaCACallback: the training StatefulDataLoader was given generator=...; its "
                            "shuffling after a resume then differs from the uninterrupted run's from the next "
                            "epoch on. Leave generator unset (seed with seed_everything) for an exact resume")
+
+
+def _progress_line(trainer: Trainer, outputs: Any, figures: dict[str, float], steps_per_second: float,
+                   elapsed: float) -> str:
+    """``step 40/120 (33%) | loss 1.234 | 10,512 tokens/s | 41.2 samples/s | peak 0.41 GB | 0:00:05, ETA 0:00:10``."""
+    step, total = trainer.global_step, trainer.estimated_stepping_batches
+    parts = [f"step {step}/{total:.0f} ({100 * step / total:.0f}%)" if total != float("inf") else f"step {step}"]
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor):
+        parts.append(f"loss {loss.detach().float().item():.4f}")
+    parts += [f"{figures['train/tokens_per_s']:,.0f} tokens/s", f"{figures['train/samples_per_s']:,.1f} samples/s",
+              f"peak {figures['train/peak_memory_gb']:.2f} GB"]
+    timing = _clock(elapsed)
+    if total != float("inf") and steps_per_second > 0:
+        timing += f", ETA {_clock((total - step) / steps_per_second)}"
+    return " | ".join(parts + [timing])
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _overrides_configure_model(pl_module: LightningModule) -> bool:

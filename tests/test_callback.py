@@ -1,5 +1,6 @@
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -208,3 +209,21 @@ def test_checkpointed_runs_are_warned_about_data_loaders_that_cannot_resume_exac
         warnings.simplefilter("always")
         fit_with(StatefulDataLoader(token_examples(4), batch_size=2, shuffle=True))
     assert not [w for w in caught if "PaCACallback" in str(w.message)]
+
+
+@pytest.mark.parametrize("progress_lines", [True, False])
+def test_plain_progress_lines_show_step_loss_throughput_and_eta(tmp_path, capsys, progress_lines):
+    module = PaCAFineTuneModule(make_tiny_llama(), CONFIG, learning_rate=1e-3)
+    callback = PaCACallback(CONFIG, progress_lines=progress_lines, save_adapter_on_fit_end=False,
+                            save_merged_on_fit_end=False)
+    quiet_trainer(tmp_path, max_steps=6, log_every_n_steps=2, callbacks=[callback]).fit(
+        module, loader(token_examples(12), 2))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    if not progress_lines:
+        assert lines == []
+        return
+    # the first batch is warm-up, so the first window closes at step 2
+    assert [line.split(" |")[0] for line in lines] == ["step 2/6 (33%)", "step 4/6 (67%)", "step 6/6 (100%)"]
+    pattern = r"step \d/6 \(\d+%\) \| loss \d+\.\d{4} \| [\d,]+ tokens/s \| [\d.,]+ samples/s \| peak [\d.]+ GB \| " \
+              r"\d:\d\d:\d\d, ETA \d:\d\d:\d\d$"
+    assert all(re.match(pattern, line) for line in lines), lines
