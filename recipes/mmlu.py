@@ -11,7 +11,7 @@ from the subject's dev split and prints accuracy per subject and overall, before
 
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.mmlu import MMLUDataModule, MMLUEvaluation
-from recipe_cli import RecipeCLI
+from recipe_cli import run_recipe
 
 DEMO_DEFAULTS = {
     "cpu_threads": 1,  # tiny matrices: see recipes/oasst1.py
@@ -30,7 +30,7 @@ DEMO_DEFAULTS = {
 
 
 def main(args=None) -> None:
-    RecipeCLI(MMLUDataModule, DEMO_DEFAULTS, extra_callbacks={"mmlu": MMLUEvaluation}, args=args).fit()
+    run_recipe(MMLUDataModule, DEMO_DEFAULTS, args, extra_callbacks={"mmlu": MMLUEvaluation})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ adapter, the merged model and the loss curve.
 
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.oasst1 import OASST1DataModule
-from recipe_cli import RecipeCLI
+from recipe_cli import run_recipe
 
 DEMO_DEFAULTS = {
     # The demo's matrices are 128 wide: a second thread gains nothing, and OpenMP threads that
@@ -39,7 +39,7 @@ DEMO_DEFAULTS = {
 
 
 def main(args=None) -> None:
-    RecipeCLI(OASST1DataModule, DEMO_DEFAULTS, args=args).fit()
+    run_recipe(OASST1DataModule, DEMO_DEFAULTS, args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ merged model, the loss curve and the checkpoints were written.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +29,25 @@ from paca_lightning.lora import LORA_ADAPTER_DIRNAME
 
 # torchdata's StatefulDataLoader calls an API torch 2.13 deprecated; the warning is not the user's to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+# What bad input raises (options, files, offline hub names, missing packages): the message already
+# names the value and the fix, so the user sees it without the traceback around it.
+INPUT_ERRORS = (ValueError, FileNotFoundError, ConnectionError, ImportError)
+TRACEBACK_VARIABLE = "PACA_LIGHTNING_TRACEBACK"
+
+
+def run_recipe(datamodule_class: type, defaults: dict[str, Any], args: Optional[list[str]] = None,
+               extra_callbacks: Optional[dict[str, type]] = None) -> None:
+    """Parse, train and report; bad input ends the process with its message, not a traceback
+    (set ``PACA_LIGHTNING_TRACEBACK=1`` for the traceback)."""
+    try:
+        RecipeCLI(datamodule_class, defaults, extra_callbacks, args=args).fit()
+    except INPUT_ERRORS as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {type(error).__name__}: {error}\n"
+                 f"({TRACEBACK_VARIABLE}=1 shows the traceback)")
 
 
 class RecipeReport(L.Callback):

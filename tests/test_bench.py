@@ -140,3 +140,11 @@ def test_convergence_mode_trains_paca_lora_and_full_on_the_same_batches(tmp_path
     first = [losses[0] for losses in report["curves"].values()]
     assert max(first) - min(first) < 1e-4
     assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_command_rejects_bad_options_with_usage_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny", "--methods", "paca,qlora", "--output-dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "unknown method 'qlora'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -89,3 +89,15 @@ def test_paper_configs_parse_into_the_recipe_options(recipe, config, capsys, mon
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "meta-llama/" in printed and "rank:" in printed
+
+
+def test_bad_input_ends_the_run_with_its_message_not_a_traceback(tmp_path):
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    environment.pop("PACA_LIGHTNING_TRACEBACK", None)
+    command = LAUNCHER + ["run", str(RECIPES / "oasst1.py"), f"--trainer.default_root_dir={tmp_path}",
+                          "--model.paca.rank=0"]
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "oasst1.py: error: ValueError" in result.stderr
+    assert "PaCAConfig.rank must be a positive int (>= 1), got 0" in result.stderr
+    assert "Traceback" not in result.stderr and "PACA_LIGHTNING_TRACEBACK=1" in result.stderr

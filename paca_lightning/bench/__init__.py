@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     target_modules = args.target_modules if args.target_modules == "all-linear" else _list(args.target_modules)
     if args.convergence:
@@ -94,6 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             target_modules=target_modules, batch_size=args.batch_size, sequence_length=args.sequence_length,
             steps=args.steps, learning_rate=args.learning_rate, full_learning_rate=args.full_learning_rate,
             seed=args.seed)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
         for path in run_convergence(options, args.output_dir):
             print(f"wrote {path}")
         return 0
@@ -109,6 +110,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         chunk_size=args.chunk_size, peak_memory=not args.no_peak_memory, max_sequence=not args.no_max_sequence,
         memory_budget_gib=args.memory_budget_gib, sequence_granularity=args.sequence_granularity,
         sequence_limit=args.sequence_limit, seed=args.seed)
+    try:
+        options.check()
+    except ValueError as error:
+        parser.error(str(error))  # usage and the message, exit status 2, before anything is written
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     report = run_benchmark(options)
     report["quantized"] = quantized_comparison(args, dtype)
     table = markdown(report)
