@@ -29,6 +29,9 @@ from paca_lightning.lora import LORA_ADAPTER_DIRNAME
 
 # torchdata's StatefulDataLoader calls an API torch 2.13 deprecated; the warning is not the user's to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+# Lightning compares log_every_n_steps with the batches of one epoch; recipes run max_steps over
+# many short epochs and log by global step, so every interval is logged anyway.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 
 # What bad input raises (options, files, offline hub names, missing packages): the message already
@@ -179,7 +182,8 @@ class RecipeCLI(LightningCLI):
         # One checkpoint callback, configurable as --checkpoint.*: a last.ckpt every N optimizer
         # steps, so a killed run resumes with --ckpt_path last (Lightning's default saves per epoch).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50,
+                             "seed_everything": 0})  # reproducible runs unless a seed is given
         parser.add_lightning_class_args(RecipeReport, "report")
         for name, callback_class in self.extra_callbacks.items():
             parser.add_lightning_class_args(callback_class, name)

@@ -238,3 +238,11 @@ def test_an_empty_or_unreadable_local_file_is_named_with_what_was_expected(tmp_p
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConnectionError, match=r"'data/oasst1' is no local file or directory \(looked in .*\)"):
         OASST1DataModule(data_path="data/oasst1").setup("fit")
+
+
+def test_languages_may_be_given_as_a_comma_separated_string():
+    by_list, by_string = OASST1DataModule(languages=["en", "de"]), OASST1DataModule(languages="en, de")
+    by_list.setup("fit")
+    by_string.setup("fit")
+    assert by_string.languages == ["en", "de"]
+    assert by_string.train_examples == by_list.train_examples

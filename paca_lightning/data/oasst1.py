@@ -167,7 +167,8 @@ class OASST1DataModule(L.LightningDataModule):
         data_path: a local .json/.jsonl/.parquet file or a directory of ``train*``/``validation*``
             files in the OASST1 schema, or a hub dataset name (``OpenAssistant/oasst1``).
             Defaults to the small sample shipped with the package.
-        languages: keep only trees in these languages (``["en", "es"]``); ``None`` keeps all.
+        languages: keep only trees in these languages (``["en", "es"]``, or ``"en,es"``); ``None``
+            keeps all.
         max_length: tokens per example (and per packed row); longer conversations are cut
             at the end and counted.
         packing: pack several conversations into each row: far less padding, so more
@@ -181,7 +182,7 @@ class OASST1DataModule(L.LightningDataModule):
     """
 
     def __init__(self, tokenizer: str = str(TINY_LLAMA_DIR), data_path: str = str(OASST1_SAMPLE),
-                 languages: Optional[list[str]] = None, max_length: int = 512, packing: bool = False,
+                 languages: Union[list[str], str, None] = None, max_length: int = 512, packing: bool = False,
                  use_chat_template: bool = True, batch_size: int = 8, val_fraction: float = 0.1,
                  seed: int = 0, num_workers: int = 0):
         super().__init__()
@@ -194,6 +195,8 @@ class OASST1DataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.data_path = str(data_path)
+        if isinstance(languages, str):  # --data.languages=en,de
+            languages = [language.strip() for language in languages.split(",") if language.strip()]
         self.languages = languages
         self.max_length = max_length
         self.packing = packing
