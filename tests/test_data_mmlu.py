@@ -114,3 +114,21 @@ def test_a_single_mmlu_file_is_refused_since_it_would_be_trained_on_and_scored(t
                                   "answer": 0}) + "\n")
     with pytest.raises(ValueError, match="single file.*auxiliary_train.jsonl, dev.jsonl, test.jsonl"):
         MMLUDataModule(data_path=str(single)).setup("fit")
+
+
+def test_evaluation_builds_no_graph_and_reports_progress_by_tenths(tokenizer, capsys):
+    examples, _ = build_eval_examples(tokenizer, [OCEAN] * 20, dev_rows=[], shots=5, max_length=512)
+    letters = letter_token_ids(tokenizer)
+    grad_enabled = []
+
+    class Recording(AnswerKnowingModel):
+        def forward(self, input_ids, attention_mask):
+            grad_enabled.append(torch.is_grad_enabled())
+            return super().forward(input_ids, attention_mask)
+
+    model = Recording(letters, {tuple(examples[0]["input_ids"]): 2}, len(tokenizer))
+    evaluate_mmlu(model, examples, letters, tokenizer.pad_token_id, batch_size=3, progress="MMLU before")
+    assert grad_enabled and not any(grad_enabled)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "MMLU before: 3/20 questions (15%)" and lines[-1] == "MMLU before: 20/20 questions (100%)"
+    assert len(lines) == 7  # after 3, 6, 9, 12, 15, 18, 20 of 20: each crosses a new tenth

@@ -132,12 +132,15 @@ def build_eval_examples(tokenizer, test_rows: list[dict], dev_rows: list[dict], 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_mmlu(model: torch.nn.Module, examples: list[dict], letter_ids: list[int], pad_token_id: int,
-                  batch_size: int = 8, device: Optional[torch.device] = None) -> dict[str, float]:
+                  batch_size: int = 8, device: Optional[torch.device] = None,
+                  progress: Optional[str] = None) -> dict[str, float]:
     """Accuracy per subject, ``overall`` (all questions) and ``subject_mean`` of ``examples``.
 
     Each process evaluates the examples it is given; in a distributed run torchmetrics adds the
-    counts of all processes in ``compute``, so give each rank its own shard.
+    counts of all processes in ``compute``, so give each rank its own shard. With ``progress``
+    (a label), a line ``<label>: 1,400/14,042 questions (10%)`` is printed at every tenth.
     """
     device = device or next(model.parameters()).device
     subjects = sorted({e["subject"] for e in examples})
@@ -147,7 +150,12 @@ def evaluate_mmlu(model: torch.nn.Module, examples: list[dict], letter_ids: list
     model.eval()
     collate = CausalLMCollator(pad_token_id)
     letters = torch.tensor(letter_ids, device=device)
+    next_report = 0.1
     for start in range(0, len(examples), batch_size):
+        done = min(start + batch_size, len(examples))
+        if progress and done / len(examples) >= next_report:
+            print(f"{progress}: {done:,}/{len(examples):,} questions ({done / len(examples):.0%})", flush=True)
+            next_report = (int(done / len(examples) * 10) + 1) / 10
         chunk = examples[start:start + batch_size]
         batch = collate([{"input_ids": e["input_ids"], "labels": e["input_ids"]} for e in chunk])
         attention_mask = batch["attention_mask"].to(device)
@@ -270,12 +278,13 @@ class MMLUDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_examples, shuffle=True)
 
-    def evaluate(self, model: torch.nn.Module, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, rank: int = 0, world_size: int = 1,
+                 progress: Optional[str] = None) -> dict[str, float]:
         """k-shot accuracy of ``model`` on this process's shard of the evaluation questions."""
         if not self.eval_examples:
             raise RuntimeError("MMLUDataModule.evaluate called before setup()")
         return evaluate_mmlu(model, self.eval_examples[rank::world_size], self.letter_ids,
-                             self.tokenizer.pad_token_id, self.batch_size)
+                             self.tokenizer.pad_token_id, self.batch_size, progress=progress)
 
 
 class MMLUEvaluation(L.Callback):
@@ -294,7 +303,8 @@ class MMLUEvaluation(L.Callback):
         if not isinstance(datamodule, MMLUDataModule):
             raise TypeError(f"MMLUEvaluation needs an MMLUDataModule, the trainer has {type(datamodule).__name__}")
         model = getattr(pl_module, "model", pl_module)
-        results = datamodule.evaluate(model, trainer.global_rank, trainer.world_size)
+        label = f"MMLU {when} fine-tuning" if trainer.is_global_zero else None
+        results = datamodule.evaluate(model, trainer.global_rank, trainer.world_size, progress=label)
         self.results[when] = results
         for logger in trainer.loggers:
             logger.log_metrics({f"mmlu_{when}/{k}": v for k, v in results.items()}, step=trainer.global_step)
