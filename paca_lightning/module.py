@@ -36,6 +36,7 @@ from torchmetrics import MeanMetric
 
 from .callback import PaCACallback, adapt_for_training
 from .config import PaCAConfig
+from .data.tokenizer import missing_local_path
 from .distributed import local_rows
 from .loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
@@ -182,6 +183,9 @@ class PaCAFineTuneModule(LightningModule):
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, self.dtype_name) if self.dtype_name else torch.float32
+        missing = missing_local_path(self.model_name)
+        if missing:
+            raise FileNotFoundError(f"PaCAFineTuneModule model: {missing}")
         try:
             model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
         except OSError as error:

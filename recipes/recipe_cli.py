@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+
 
 # What bad input raises (options, files, offline hub names, missing packages): the message already
 # names the value and the fix, so the user sees it without the traceback around it.
-INPUT_ERRORS = (ValueError, FileNotFoundError, ConnectionError, ImportError)
+INPUT_ERRORS = (ValueError, OSError, ConnectionError, ImportError)
 TRACEBACK_VARIABLE = "PACA_LIGHTNING_TRACEBACK"
 
 

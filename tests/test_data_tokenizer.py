@@ -35,3 +35,13 @@ def test_shipped_tokenizer_loads_with_a_pad_token_and_a_missing_one_names_the_pa
     assert tokenizer.pad_token == "<pad>" and tokenizer.chat_template
     with pytest.raises(OSError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
+
+
+def test_a_missing_local_model_path_is_named_as_such_not_as_a_bad_hub_name(tmp_path):
+    from paca_lightning import PaCAFineTuneModule
+
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="tokenizer: .*no_such_model' does not exist"):
+        load_tokenizer(missing)
+    with pytest.raises(FileNotFoundError, match="PaCAFineTuneModule model: .*no_such_model' does not exist"):
+        PaCAFineTuneModule(missing).configure_model()

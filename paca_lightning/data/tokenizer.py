@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -58,12 +58,26 @@ def build_byte_level_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> 
     return tokenizer
 
 
+def missing_local_path(name_or_path: Union[str, Path]) -> Optional[str]:
+    """Why ``name_or_path`` cannot be a model or tokenizer: it is written as a path (absolute,
+    ``./``, ``~``) that does not exist; ``None`` when it exists or reads as a hub name."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text.startswith(("/", ".", "~")) and not path.exists():
+        return (f"{text!r} does not exist (resolved: {path.resolve()}); give an existing local model directory "
+                "or a hub name such as meta-llama/Llama-3.1-8B")
+    return None
+
+
 def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub name or local directory and make sure it can pad.
 
     Models such as LLaMA ship without a pad token; batches still need one, and the padded
     positions carry no loss and no attention, so the end-of-sequence token serves.
     """
+    missing = missing_local_path(name_or_path)
+    if missing:
+        raise FileNotFoundError(f"tokenizer: {missing}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
