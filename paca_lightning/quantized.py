@@ -470,37 +470,21 @@ class QuantizedPaCALinear(PaCALinear):
         base.bias = self.bias
         return base
 
-    def _quantization_state_dict(self) -> dict[str, torch.Tensor]:
-        """The quantization state under bitsandbytes' own state-dict keys (relative to the layer)."""
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        """The quantization state, saved in the state dict as ``<layer>._extra_state`` (the slot
+        PyTorch and its distributed checkpoints keep for non-parameter state), so a QPaCA model's
+        own state dict loads back strictly and sharded checkpoints can walk its keys."""
         if self.kind == "4bit":
-            return {f"weight.{key}": value for key, value in self.quant_state.as_dict(packed=True).items()}
-        return {"SCB": self.int8_row_scales, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+            return self.quant_state.as_dict(packed=True)
+        return {"SCB": self.int8_row_scales}
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self._quantization_state_dict().items():
-            destination[prefix + key] = value if keep_vars else value.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """Load the layer's tensors and the quantization state saved beside them, so that a QPaCA
-        model's own state dict (a full checkpoint) loads back with ``strict=True``."""
-        own = {key[len(prefix):]: state_dict[key] for key in state_dict
-               if key.startswith(prefix) and key[len(prefix):] in self._quantization_state_dict()}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        for key in own:
-            if prefix + key in unexpected_keys:
-                unexpected_keys.remove(prefix + key)
-        if not own:
-            return
+    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         device = self.weight.device
         if self.kind == "4bit":
             from bitsandbytes.functional import QuantState
-            self.quant_state = QuantState.from_dict({key[len("weight."):]: value for key, value in own.items()},
-                                                    device=device)
-        elif "SCB" in own:
-            self.int8_row_scales = own["SCB"].to(device=device, dtype=torch.float32).clone()
+            self.quant_state = QuantState.from_dict(dict(state), device=device)
+        else:
+            self.int8_row_scales = state["SCB"].to(device=device, dtype=torch.float32).clone()
 
     def extra_repr(self) -> str:
         return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "

@@ -121,3 +121,9 @@ def test_fsdp2_qpaca_trains_like_one_process_and_each_rank_keeps_half_the_packed
     assert found[f"fsdp2_qpaca_{quantize}_error"] < 5 * TOLERANCE
     weight = found[f"fsdp2_qpaca_{quantize}_weight_bytes"]
     assert weight["local"] <= (weight["global"] + 1) // 2 and not weight["base_holds_bytes"]
+
+
+def test_lightning_fsdp2_trains_qpaca_and_exports_its_adapter_and_a_dense_merged_model():
+    found = results(LIGHTNING)
+    assert found["fsdp2_qpaca_step2_error"] < 5 * TOLERANCE
+    assert found["fsdp2_qpaca_merged_logits_error"] < 1e-4 and found["fsdp2_qpaca_merged_is_dense"]

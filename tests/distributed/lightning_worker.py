@@ -43,15 +43,15 @@ def samples() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def module(weight_decay: float = 0.0) -> PaCAFineTuneModule:
+def module(weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> PaCAFineTuneModule:
     # min_lr_ratio=1: a constant learning rate, so the reference needs no schedule
-    return PaCAFineTuneModule(tiny_llama(), paca=CONFIG, learning_rate=2e-2, min_lr_ratio=1.0,
+    return PaCAFineTuneModule(tiny_llama(), paca=config, learning_rate=2e-2, min_lr_ratio=1.0,
                               weight_decay=weight_decay)
 
 
-def reference(steps: int, weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+def reference(steps: int, weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> dict[str, torch.Tensor]:
     """One process, the whole global batch (every sample) per step: the trained columns."""
-    single = module(weight_decay)
+    single = module(weight_decay, config)
     single.configure_model()
     optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=2e-2,
                                   betas=single.betas, eps=single.eps, weight_decay=0.0)
@@ -75,13 +75,13 @@ def strategy(kind: str):
 
 
 def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 1,
-        weight_decay: float = 0.0) -> PaCAFineTuneModule:
-    trained = module(weight_decay)
+        weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> PaCAFineTuneModule:
+    trained = module(weight_decay, config)
     trainer = Trainer(accelerator="cpu", devices=2 // num_nodes, num_nodes=num_nodes, strategy=strategy(kind),
                       max_steps=max_steps,
                       default_root_dir=str(root), logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[PaCACallback(CONFIG, log_throughput=False)])
+                      callbacks=[PaCACallback(config, log_throughput=False)])
     # 2 samples per rank, 1 step per epoch: every step sees the same global batch as the reference
     trainer.fit(trained, DataLoader(samples(), batch_size=SAMPLES // 2), ckpt_path=ckpt_path)
     if ckpt_path is None:
@@ -127,6 +127,18 @@ def main(out: Path) -> None:
     decayed = fit("fsdp2", out / "decay", max_steps=2, weight_decay=10.0)
     results["fsdp2_weight_decay_step2_error"] = column_error(gathered_columns(decayed), reference(2, 10.0))
     results["fsdp2_weight_decay_effect"] = column_error(gathered_columns(decayed), refs[2])
+    # QPaCA (nf4) through the strategy: sharded packed bytes, fit-end adapter and dense merged export
+    qpaca = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", quantize="nf4")
+    quantized = fit("fsdp2", out / "qpaca", max_steps=2, config=qpaca)
+    results["fsdp2_qpaca_step2_error"] = column_error(gathered_columns(quantized), reference(2, config=qpaca))
+    if dist.get_rank() == 0:
+        adapter = load_adapter(tiny_llama(), out / "qpaca" / "paca_adapter")  # quantizes the base again
+        merged = LlamaForCausalLM.from_pretrained(out / "qpaca" / "merged")
+        ids = samples()[0]["input_ids"][None]
+        with torch.no_grad():
+            results["fsdp2_qpaca_merged_logits_error"] = (merged(ids).logits - adapter(ids).logits).abs().max().item()
+        results["fsdp2_qpaca_merged_is_dense"] = not any("bitsandbytes" in type(m).__module__ for m in merged.modules())
+    dist.barrier()
     # torchrun's 2 local processes presented as 2 nodes x 1 device (what torchrun sets on each
     # of 2 nodes): the data-parallel mesh must span num_nodes x devices (Lightning's own default
     # would make it num_nodes x 1, tensor-parallel within the node)
