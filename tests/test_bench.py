@@ -148,3 +148,20 @@ def test_the_command_rejects_bad_options_with_usage_and_writes_nothing(tmp_path,
     assert exit_.value.code == 2
     assert "unknown method 'qlora'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_qpaca_vs_qlora_measures_both_at_equal_budget_and_logs_each_round():
+    from paca_lightning.bench.quantized import format_table, run_quantized_benchmark
+
+    lines = []
+    rows = run_quantized_benchmark("tiny", lora_rank=2, batch_size=1, sequence_length=16, rounds=2, warmup=1,
+                                   rss_steps=1, log=lines.append)
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == {"qpaca", "qlora"}
+    qpaca, qlora = by_method["qpaca"], by_method["qlora"]
+    assert abs(qpaca["trainable_params"] / qlora["trainable_params"] - 1) < 0.1
+    assert 0 < qpaca["saved_for_backward_bytes"] < qlora["saved_for_backward_bytes"]
+    assert all(row["peak_rss"] > 0 and row["step_time_s"] > 0 for row in rows)
+    assert qlora["step_time_ratio_vs_qlora"] == 1.0 and qpaca["step_time_ratio_vs_qlora"] > 0
+    assert [line.split(":")[0] for line in lines if "round" in line] == ["  round 1/2", "  round 2/2"]
+    assert "qpaca" in format_table(rows).lower()

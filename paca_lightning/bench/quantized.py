@@ -122,7 +122,7 @@ def _child_peak(spec: dict) -> dict:
 def run_quantized_benchmark(model: str = "llama-50m", *, quant_type: str = "nf4", lora_rank: int = 8,
                             batch_size: int = 2, sequence_length: int = 512, compute_dtype: str = "float32",
                             device: str = "cpu", rounds: int = 7, warmup: int = 2, rss_steps: int = 2,
-                            seed: int = 0, workdir: Optional[str] = None) -> list[dict]:
+                            seed: int = 0, workdir: Optional[str] = None, log=print) -> list[dict]:
     """Measure QPaCA and peft QLoRA; one row of figures per method (see the module docstring).
 
     ``model`` is a preset of `paca_lightning.bench.models` (saved once to ``workdir``, a temporary
@@ -148,13 +148,17 @@ def run_quantized_benchmark(model: str = "llama-50m", *, quant_type: str = "nf4"
         for _ in range(warmup):
             for trainee in trainees.values():
                 train_step(trainee, compute_loss, batch)
+        log("  saved for backward: " + ", ".join(f"{m} {rows[m]['saved_for_backward_bytes'] / 2**20:.1f} MiB"
+                                                   for m in METHODS))
         for round_index in range(rounds):
             order = METHODS if round_index % 2 == 0 else METHODS[::-1]
             for method in order:
                 times[method].append(timed_step(trainees[method], compute_loss, batch, ops)[0])
+            log(f"  round {round_index + 1}/{rounds}: " + ", ".join(f"{m} {times[m][-1]:.3f} s" for m in METHODS))
         del trainees
 
         for method in METHODS:
+            log(f"  peak memory: training {method} in a fresh process ...")
             spec = {"method": method, "checkpoint": checkpoint, "quant_type": quant_type, "lora_rank": lora_rank,
                     "batch_size": batch_size, "sequence_length": sequence_length, "compute_dtype": compute_dtype,
                     "device": device, "steps": rss_steps}
