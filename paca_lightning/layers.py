@@ -150,10 +150,10 @@ class PaCALinear(nn.Module):
         dtype = paca_dtype or self.weight.dtype
         self.paca_weight = nn.Parameter(self.paca_base_columns.to(dtype) / self.scaling)
         self.paca_enabled = True
-        # With auto_sync, forward checks the version counters and rewrites stale columns. Turn it
-        # off where forward cannot reach the real storage (FSDP2 computes on transient unsharded
-        # copies) or must not branch on Python state (torch.compile would recompile every step);
-        # then whoever updates paca_weight (optimizer step, load) calls sync_columns_() after.
+        # With auto_sync, every forward first writes s * P into the weight's columns. Turn it off
+        # where forward cannot reach the real storage (FSDP2 computes on transient unsharded
+        # copies) or should not mutate a parameter (inside a torch.compile graph); then whoever
+        # updates paca_weight (optimizer step, load) calls sync_columns_() after.
         self.auto_sync = True
         # With delta_form, forward never relies on the weight's columns: it computes
         # x @ W^T + x_S @ ((s*P).to(W.dtype) - W[:, S])^T, exact whatever W holds. For wrappers
