@@ -251,6 +251,7 @@ class PaCACallback(BatchSeeding):
         sync_paca_columns(self._require_model())  # covers values restored by load_state_dict
         self._window_start, self._window_tokens, self._window_samples = None, 0, 0
         self._fit_started = time.perf_counter()
+        self._last_logged_step = trainer.global_step  # a resumed run's first window starts here
         if trainer.checkpoint_callbacks:
             _warn_if_resume_cannot_be_exact(trainer.train_dataloader)
 
@@ -295,7 +296,7 @@ class PaCACallback(BatchSeeding):
             pl_module.log_dict(figures, on_step=True, on_epoch=False, sync_dist=False)
             if trainer.is_global_zero and (not sys.stdout.isatty() if self.progress_lines is None
                                            else self.progress_lines):
-                steps_per_second = (step - max(self._last_logged_step, 0)) / seconds
+                steps_per_second = (step - self._last_logged_step) / seconds
                 print(_progress_line(trainer, outputs, figures, steps_per_second,
                                      now - self._fit_started), flush=True)
             self._window_start, self._window_tokens, self._window_samples = now, 0, 0

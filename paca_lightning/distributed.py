@@ -55,7 +55,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .adapter import adapter_state, write_adapter
 from .layers import PaCALinear
 from .model import paca_layers, set_paca_auto_sync, sync_paca_columns
-from .quantized import QuantizedPaCALinear
+from .quantized import QuantizedPaCALinear, dense_dtype_of, dequantize_weight, is_quantized_linear
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
 _WRAPPER_NAME_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -109,8 +109,12 @@ def paca_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Optional[
     """A ``fully_shard(shard_placement_fn=...)`` that shards each Conv1D PaCA weight on dim 1.
 
     Every other parameter keeps FSDP2's default (dim 0), which is already the output dimension of
-    Linear weights and of every ``paca_weight``.
+    Linear weights and of every ``paca_weight``. It also switches forward-time column syncing off
+    for ``model``: under FSDP2 a forward sees a gathered copy, so a write there is lost and backward
+    would gather the stale shards again. The columns are written into the shards after each
+    optimizer step instead (`attach_column_sync`).
     """
+    set_paca_auto_sync(model, False)
     transposed_weights = {id(layer.weight) for _, layer in paca_layers(model) if layer.transposed}
 
     def placement(param: nn.Parameter) -> Optional[Shard]:
@@ -129,6 +133,18 @@ def _refuse_uneven_conv1d(model: nn.Module, mesh) -> None:
                              "shards cannot split evenly; FSDP2 shards a Conv1D weight's output dim (dim 1) "
                              "evenly only. Use a shard count dividing it, DDP, or leave the layer out of "
                              "PaCAConfig.target_modules (a frozen Conv1D shards on dim 0 as usual)")
+
+
+def _refuse_unadapted_quantized(model: nn.Module) -> None:
+    """bitsandbytes layers that PaCA did not wrap keep their state on their parameter, which
+    ``fully_shard`` replaces: they could neither compute nor be exported afterwards."""
+    left = [name for name, module in model.named_modules() if is_quantized_linear(module)]
+    if left:
+        raise ValueError(f"FSDP2 cannot shard the bitsandbytes layers {left[:3]}{' ...' if len(left) > 3 else ''}: "
+                         "PaCA does not adapt them, and bitsandbytes keeps their quantization state on the "
+                         "parameter that fully_shard replaces. Add them to PaCAConfig.target_modules (QPaCA "
+                         "layers shard), or quantize only the adapted layers (PaCAConfig.quantize on an "
+                         "unquantized model)")
 
 
 def decoder_layers(model: nn.Module, layer_classes: Optional[Iterable[Union[type, str]]] = None) -> list[nn.Module]:
@@ -172,8 +188,8 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
     _refuse_uneven_conv1d(model, mesh)
+    _refuse_unadapted_quantized(model)
     blocks = decoder_layers(model, layer_classes)
-    set_paca_auto_sync(model, False)
     kwargs: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
                                   shard_placement_fn=paca_shard_placement(model),
                                   mp_policy=mp_policy or MixedPrecisionPolicy(),
@@ -348,7 +364,8 @@ def save_sharded_adapter(model: nn.Module, directory: Union[str, Path], root: Op
 def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
     """The merged model's full state dict on rank 0 (an empty dict elsewhere): the trained
     columns written into the weights from ``paca_weight``, PaCA's tensors dropped, wrapper
-    prefixes removed. A collective; ``root`` as in `gather_adapter_state`."""
+    prefixes removed; bitsandbytes weights dequantized, so the result is a dense model. A
+    collective; ``root`` as in `gather_adapter_state`."""
     inner, root = _inner_model(model), _fsdp1_root(model, root)
     layers = {clean_name(name): layer for name, layer in paca_layers(inner)}
     state = _full_tensors(inner, root, lambda name: True, rank0_only=True)
@@ -368,6 +385,9 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
             weight.index_copy_(0, indices, columns.t())
         else:
             weight.index_copy_(1, indices, columns)
+    for name, module in inner.named_modules():
+        if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
+            state[f"{clean_name(name)}.weight"] = dequantize_weight(module, dense_dtype_of(inner)).cpu()
     return state
 
 
@@ -389,11 +409,10 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
         # fully_shard swaps the class for an "FSDP<Name>" subclass; build the user's class.
         from torch.distributed.fsdp import FSDPModule
         model_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
-        if any(isinstance(layer, QuantizedPaCALinear) for _, layer in paca_layers(inner)):
-            # the merged QPaCA weights are dense: a saved quantization_config would quantize them again
+        if hasattr(config, "quantization_config"):
+            # the merged weights are dense: a saved quantization_config would quantize them again
             config = copy.deepcopy(config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
+            del config.quantization_config
         with torch.device("meta"):
             plain = model_class._from_config(config)
         plain.load_state_dict(state, strict=True, assign=True)

@@ -77,14 +77,17 @@ def trainer_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def place_trainer_arguments(trainer_args: list[str], script_args: list[str]) -> list[str]:
-    """``script_args`` with ``trainer_args`` inserted right after its last ``--config FILE``."""
+    """``script_args`` with ``trainer_args`` inserted right after its last ``--config``/``-c``
+    file; an option the user wrote out themselves (``--trainer.devices ...``) is not added."""
     after = 0
     for index, argument in enumerate(script_args):
-        if argument == "--config":
+        if argument in ("--config", "-c"):
             after = index + 2
-        elif argument.startswith("--config="):
+        elif argument.startswith(("--config=", "-c=")):
             after = index + 1
-    return script_args[:after] + trainer_args + script_args[after:]
+    given = {argument.split("=", 1)[0] for argument in script_args}
+    added = [argument for argument in trainer_args if argument.split("=", 1)[0] not in given]
+    return script_args[:after] + added + script_args[after:]
 
 
 def launch_environment(args: argparse.Namespace) -> dict[str, str]:

@@ -170,8 +170,9 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     for name, module in targets.items():
         if module.weight.is_meta:
             raise ValueError(f"module {name!r} has its weight on the meta device (built under torch.device('meta') "
-                             "or an empty-init context, not loaded yet); PaCA starts paca_weight from the "
-                             "pretrained columns, so load or materialize the weights before apply_paca")
+                             "or an empty-init context, or offloaded by accelerate's device_map); PaCA starts "
+                             "paca_weight from the pretrained columns, so load the weights onto a real device "
+                             "(no disk/CPU offload of adapted layers) before apply_paca")
         rank, in_features = config.rank_for(name), in_features_of(module)
         if indices is None and rank > in_features:
             raise ValueError(f"PaCA rank {rank} for module {name!r} exceeds its in_features="

@@ -31,13 +31,12 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from .callback import PaCACallback, adapt_for_training
 from .config import PaCAConfig
 from .data.tokenizer import missing_local_path
-from .distributed import local_rows
+from .layers import DTensor  # () where torch lacks distributed support
 from .loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
 from .model import paca_layers, set_paca_auto_sync
@@ -311,6 +310,7 @@ class PaCAFineTuneModule(LightningModule):
             for _, layer in paca_layers(self._require_model()):
                 columns, pretrained = layer.paca_weight, layer.paca_base_columns
                 if isinstance(columns, DTensor):  # FSDP2: this rank's rows; the buffer is whole
+                    from .distributed import local_rows
                     columns, pretrained = columns.to_local(), local_rows(pretrained, columns)
                 pretrained = pretrained.to(columns.dtype) / layer.scaling
                 columns.sub_(columns - pretrained, alpha=learning_rate * self.weight_decay)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import sys
 from collections.abc import Iterator
 from typing import Optional
@@ -321,16 +322,16 @@ class QuantizedPaCALinear(PaCALinear):
             packed = base.weight.data
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = base.bias
-        # While wrapped, the base holds no tensor of its own (a sharded run frees the full bytes);
-        # `_release` gives it back a bitsandbytes parameter.
-        base.weight = None
-        if kind == "8bit":
-            base.state.CB = base.state.SCB = None
         device = self.weight.device
         self.register_buffer("paca_indices", validated_indices(paca_indices, self.in_features, device))
         with backend_errors(self.quantization, device):
             base_columns = self.dequantized_weight(torch.float32).index_select(1, self.paca_indices)
         self.register_buffer("paca_base_columns", base_columns)
+        # Only now that nothing can fail: while wrapped, the base holds no tensor of its own (a
+        # sharded run frees the full bytes); `_release` gives it back a bitsandbytes parameter.
+        base.weight = None
+        if kind == "8bit":
+            base.state.CB = base.state.SCB = None
         self.paca_weight = nn.Parameter(base_columns.to(paca_dtype or torch.float32) / self.scaling)
         self.merge_dtype = merge_dtype or (self.quant_state.dtype if kind == "4bit" else torch.float32)
         self.paca_enabled = True
@@ -364,17 +365,24 @@ class QuantizedPaCALinear(PaCALinear):
         Reads ``self.weight`` as it is now: the whole tensor, or under FSDP2 the copy gathered for
         this forward or backward. The state follows the bytes to their device on first use.
         """
+        self._move_state_to(self.weight.device)
         return self.dequantize_packed(self.weight.data, dtype)
 
-    def dequantize_packed(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantize ``packed``, this layer's whole weight bytes (e.g. gathered from shards)."""
+    def _move_state_to(self, device: torch.device) -> None:
+        """The quantization state is a plain attribute (`_apply` does not see it): it follows the
+        bytes when they are used on another device."""
         if self.kind == "4bit":
-            if self.quant_state.absmax.device != packed.device:
-                self.quant_state.to(packed.device)
-            return dequantize_4bit(packed, self.quant_state, dtype)
-        if self.int8_row_scales.device != packed.device:
-            self.int8_row_scales = self.int8_row_scales.to(packed.device)
-        return dequantize_int8(packed, self.int8_row_scales, dtype)
+            if self.quant_state.absmax.device != device:
+                self.quant_state.to(device)
+        elif self.int8_row_scales.device != device:
+            self.int8_row_scales = self.int8_row_scales.to(device)
+
+    def dequantize_packed(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantize ``packed``, this layer's whole weight bytes (e.g. gathered from shards), on
+        the device of the quantization state; the result is on that device too."""
+        if self.kind == "4bit":
+            return dequantize_4bit(packed.to(self.quant_state.absmax.device), self.quant_state, dtype)
+        return dequantize_int8(packed.to(self.int8_row_scales.device), self.int8_row_scales, dtype)
 
     def effective_weight(self, paca_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized base with ``(s * paca_weight).to(dtype)`` in columns ``paca_indices``."""
@@ -455,6 +463,7 @@ class QuantizedPaCALinear(PaCALinear):
     def _release(self) -> nn.Module:
         """The base layer with a bitsandbytes parameter over this layer's bytes and state again."""
         base, bnb = self.quantized_base, import_bitsandbytes("unwrapping a quantized PaCA layer")
+        self._move_state_to(self.weight.device)
         if self.kind == "4bit":
             state = self.quant_state
             stored = self.weight.data.reshape(-1).view(self.quant_storage).reshape(-1, 1)
@@ -470,21 +479,27 @@ class QuantizedPaCALinear(PaCALinear):
         base.bias = self.bias
         return base
 
-    def get_extra_state(self) -> dict[str, torch.Tensor]:
-        """The quantization state, saved in the state dict as ``<layer>._extra_state`` (the slot
-        PyTorch and its distributed checkpoints keep for non-parameter state), so a QPaCA model's
-        own state dict loads back strictly and sharded checkpoints can walk its keys."""
+    def get_extra_state(self) -> torch.Tensor:
+        """The quantization state, saved in the state dict as ``<layer>._extra_state``: the slot
+        PyTorch and its distributed checkpoints keep for non-parameter state, serialized into one
+        uint8 tensor so that every consumer of a state dict (safetensors, ``save_pretrained``,
+        distributed checkpoints) sees a plain tensor."""
         if self.kind == "4bit":
-            return self.quant_state.as_dict(packed=True)
-        return {"SCB": self.int8_row_scales}
+            state = self.quant_state.as_dict(packed=True)
+        else:
+            state = {"SCB": self.int8_row_scales}
+        buffer = io.BytesIO()
+        torch.save({key: value.detach().cpu() for key, value in state.items()}, buffer)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        tensors = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=True)
         device = self.weight.device
         if self.kind == "4bit":
             from bitsandbytes.functional import QuantState
-            self.quant_state = QuantState.from_dict(dict(state), device=device)
+            self.quant_state = QuantState.from_dict(tensors, device=device)
         else:
-            self.int8_row_scales = state["SCB"].to(device=device, dtype=torch.float32).clone()
+            self.int8_row_scales = tensors["SCB"].to(device=device, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "

@@ -157,6 +157,13 @@ class RecipeCLI(LightningCLI):
         super().__init__(PaCAFineTuneModule, datamodule_class, args=args, save_config_kwargs={"overwrite": True},
                          run=False)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        if config.get("enable_checkpointing") is False:
+            # --trainer.enable_checkpointing=false: drop the recipe's --checkpoint.* callback, which
+            # Lightning would otherwise refuse beside that setting.
+            callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self) -> None:
         if self.config.get("cpu_threads"):
             torch.set_num_threads(self.config.cpu_threads)
@@ -206,8 +213,12 @@ class RecipeCLI(LightningCLI):
         # last.ckpt first: what --ckpt_path last resumes from
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
             getattr(trainer.checkpoint_callback, "best_model_path", "")
-        outputs.append(("checkpoint", Path(checkpoint).resolve() if checkpoint else
-                        "none written (the run ended before --checkpoint.every_n_train_steps steps)"))
+        if checkpoint:
+            outputs.append(("checkpoint", Path(checkpoint).resolve()))
+        elif trainer.checkpoint_callback is None:
+            outputs.append(("checkpoint", "none written (--trainer.enable_checkpointing=false)"))
+        else:
+            outputs.append(("checkpoint", "none written (the run ended before --checkpoint.every_n_train_steps steps)"))
         outputs.append(("config", Path(log_dir or root).resolve() / "config.yaml"))
         lines += [f"{label + ':':<14}{path}" for label, path in outputs]
         lines.append("=" * 72)

@@ -26,8 +26,12 @@ def test_multi_process_launch_builds_the_torchrun_command_like_fabric_run():
 def test_launch_options_go_after_the_last_config_and_before_the_users_own_arguments():
     place = launcher.place_trainer_arguments
     assert place(["--trainer.devices=2"], ["--x=1"]) == ["--trainer.devices=2", "--x=1"]
-    assert place(["--trainer.devices=2"], ["--config", "a.yaml", "--config=b.yaml", "--trainer.devices=3"]) == [
-        "--config", "a.yaml", "--config=b.yaml", "--trainer.devices=2", "--trainer.devices=3"]
+    assert place(["--trainer.devices=2"], ["--config", "a.yaml", "-c=b.yaml", "--x=1"]) == [
+        "--config", "a.yaml", "-c=b.yaml", "--trainer.devices=2", "--x=1"]
+    assert place(["--trainer.devices=2"], ["-c", "a.yaml"]) == ["-c", "a.yaml", "--trainer.devices=2"]
+    # the user's own value wins wherever it stands
+    assert place(["--trainer.devices=2", "--trainer.strategy=ddp"], ["--trainer.devices", "4", "-c", "a.yaml"]) == [
+        "--trainer.devices", "4", "-c", "a.yaml", "--trainer.strategy=ddp"]
 
 
 def test_a_recipe_config_does_not_undo_the_launch_options(tmp_path):

@@ -406,3 +406,43 @@ def test_the_gathering_export_of_a_loaded_4bit_model_writes_a_plain_dense_checkp
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gathering_export_dequantizes_bitsandbytes_layers_paca_did_not_adapt(checkpoint, tmp_path):
+    from paca_lightning.distributed import export_merged
+
+    model = apply_paca(load_4bit(checkpoint, "nf4", True), PaCAConfig(rank=8, alpha=16, target_modules=["q_proj"]))
+    perturb_columns(model)
+    batch = token_batch()
+    model.train()  # bitsandbytes' own eval path repacks 4-bit weights for a CPU kernel
+    with torch.no_grad():
+        expected = model(**batch).logits
+    export_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.train()(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrap_that_fails_leaves_the_bitsandbytes_layer_as_it_was(checkpoint, monkeypatch):
+    import paca_lightning.quantized as quantized
+
+    model = load_4bit(checkpoint, "nf4", False)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    packed = q_proj.weight
+
+    def failing(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(quantized, "dequantize_4bit", failing)
+    with pytest.raises(RuntimeError, match="cannot run nf4 quantization"):
+        apply_paca(model, PaCAConfig(rank=4, target_modules=["q_proj"]))
+    assert model.model.layers[0].self_attn.q_proj is q_proj and q_proj.weight is packed
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_an_unmerged_qpaca_model_saves_with_save_pretrained(quantize, tmp_path):
+    model = apply_paca(make_tiny_llama(seed=2), PaCAConfig(rank=4, alpha=8, quantize=quantize))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj._extra_state" in saved

@@ -132,7 +132,6 @@ def build_eval_examples(tokenizer, test_rows: list[dict], dev_rows: list[dict], 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_mmlu(model: torch.nn.Module, examples: list[dict], letter_ids: list[int], pad_token_id: int,
                   batch_size: int = 8, device: Optional[torch.device] = None,
                   progress: Optional[str] = None) -> dict[str, float]:
