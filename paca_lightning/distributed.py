@@ -187,8 +187,8 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
 
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
-    _refuse_uneven_conv1d(model, mesh)
     _refuse_unadapted_quantized(model)
+    _refuse_uneven_conv1d(model, mesh)
     blocks = decoder_layers(model, layer_classes)
     kwargs: dict[str, Any] = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
                                   shard_placement_fn=paca_shard_placement(model),

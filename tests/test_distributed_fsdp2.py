@@ -127,3 +127,25 @@ def test_lightning_fsdp2_trains_qpaca_and_exports_its_adapter_and_a_dense_merged
     found = results(LIGHTNING)
     assert found["fsdp2_qpaca_step2_error"] < 5 * TOLERANCE
     assert found["fsdp2_qpaca_merged_logits_error"] < 1e-4 and found["fsdp2_qpaca_merged_is_dense"]
+
+
+def test_the_fsdp2_placement_switches_forward_time_column_writes_off():
+    from conftest import make_tiny_gpt2
+    from paca_lightning import PaCAConfig, apply_paca, paca_layers
+    from paca_lightning.distributed import paca_shard_placement
+
+    model = apply_paca(make_tiny_gpt2(), PaCAConfig(rank=4))
+    placement = paca_shard_placement(model)
+    assert not any(layer.auto_sync for _, layer in paca_layers(model))
+    conv1d = model.transformer.h[0].attn.c_attn
+    assert placement(conv1d.weight).dim == 1 and placement(conv1d.paca_weight) is None
+
+
+def test_bitsandbytes_layers_paca_does_not_adapt_are_refused_before_sharding():
+    from paca_lightning import PaCAConfig, apply_paca
+    from paca_lightning.quantized import quantize_linear
+
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4, target_modules=["q_proj"], quantize="nf4"))
+    model.model.layers[0].self_attn.k_proj = quantize_linear(model.model.layers[0].self_attn.k_proj, "nf4")
+    with pytest.raises(ValueError, match=r"bitsandbytes layers \['model.layers.0.self_attn.k_proj'\].*target_modules"):
+        shard_paca_model(model)
