@@ -19,8 +19,8 @@ no iteration counter, no knowledge of gradient accumulation, and nothing to dete
 forwards between steps, ``load_state_dict`` and optimizers that update ``P`` behind autograd's
 back (fused AdamW, 8-bit optimizers, ``.data`` writes) all see the trained weight. The write
 does not bump ``W``'s autograd version: the values it writes are those every pending backward
-of this layer was built with (a disabled layer computes on a copy and never writes ``W``). The pretrained columns are kept (``paca_base_columns``) so the
-base model can be restored exactly.
+of this layer was built with (a disabled layer computes on a copy and never writes ``W``). The
+pretrained columns are kept (``paca_base_columns``) so the base model can be restored exactly.
 
 transformers' GPT-2 ``Conv1D`` stores its weight transposed (in x out); there the columns of
 the math above are rows of the stored tensor. ``paca_weight`` is (out x r) for both layouts.
