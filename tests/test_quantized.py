@@ -391,37 +391,24 @@ def test_an_unloaded_8bit_base_computes_as_before_wrapping(checkpoint):
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
 
 
-def test_the_gathering_export_of_a_loaded_4bit_model_writes_a_plain_dense_checkpoint(checkpoint, tmp_path):
-    # export_merged is what a multi-process run writes at fit end; here in one process.
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj"]], ids=["all", "some"])
+def test_the_gathering_export_of_a_loaded_4bit_model_writes_a_plain_dense_checkpoint(checkpoint, tmp_path, targets):
+    # export_merged is what a multi-process run writes at fit end; here in one process. Layers
+    # PaCA did not adapt ("some") are dequantized too.
     from paca_lightning.distributed import export_merged
 
-    model = apply_paca(load_4bit(checkpoint, "nf4", True), PaCAConfig(rank=8, alpha=16))
-    perturb_columns(model)
-    batch = token_batch()
-    with torch.no_grad():
-        expected = model(**batch).logits
-    export_merged(model, tmp_path / "merged")
-    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert not any(type(m).__module__.startswith("bitsandbytes") for m in plain.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_the_gathering_export_dequantizes_bitsandbytes_layers_paca_did_not_adapt(checkpoint, tmp_path):
-    from paca_lightning.distributed import export_merged
-
-    model = apply_paca(load_4bit(checkpoint, "nf4", True), PaCAConfig(rank=8, alpha=16, target_modules=["q_proj"]))
+    model = apply_paca(load_4bit(checkpoint, "nf4", True), PaCAConfig(rank=8, alpha=16, target_modules=targets))
     perturb_columns(model)
     batch = token_batch()
     model.train()  # bitsandbytes' own eval path repacks 4-bit weights for a CPU kernel
     with torch.no_grad():
         expected = model(**batch).logits
     export_merged(model, tmp_path / "merged")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in plain.modules())
     with torch.no_grad():
-        torch.testing.assert_close(plain.train()(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_wrap_that_fails_leaves_the_bitsandbytes_layer_as_it_was(checkpoint, monkeypatch):
