@@ -165,3 +165,16 @@ def test_qpaca_vs_qlora_measures_both_at_equal_budget_and_logs_each_round():
     assert qlora["step_time_ratio_vs_qlora"] == 1.0 and qpaca["step_time_ratio_vs_qlora"] > 0
     assert [line.split(":")[0] for line in lines if "round" in line] == ["  round 1/2", "  round 2/2"]
     assert "qpaca" in format_table(rows).lower()
+
+
+def test_results_are_on_disk_before_the_long_qlora_phase_starts(tmp_path, monkeypatch):
+    import paca_lightning.bench as bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "quantized_comparison", interrupted)
+    args = [argument for argument in TINY_ARGS if argument not in ("--quantized", "off")]
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--output-dir", str(tmp_path)])
+    assert {row["method"] for row in json.loads((tmp_path / "results.json").read_text())["results"]} == set(METHODS)

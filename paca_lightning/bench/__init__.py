@@ -116,10 +116,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(str(error))  # usage and the message, exit status 2, before anything is written
     args.output_dir.mkdir(parents=True, exist_ok=True)
     report = run_benchmark(options)
+
+    def write_results() -> str:
+        table = markdown(report)
+        (args.output_dir / "results.md").write_text(table)
+        write_json(report, args.output_dir / "results.json")
+        return table
+
+    if args.quantized != "off":  # the QLoRA phase is long: keep what is measured if it is interrupted
+        write_results()
+        print(f"wrote {args.output_dir / 'results.json'} (before the QLoRA vs QPaCA phase)")
     report["quantized"] = quantized_comparison(args, dtype)
-    table = markdown(report)
-    (args.output_dir / "results.md").write_text(table)
-    write_json(report, args.output_dir / "results.json")
+    table = write_results()
     plots = write_plots(report, args.output_dir)
     print(table)
     for path in [args.output_dir / "results.md", args.output_dir / "results.json", *plots]:
