@@ -12,6 +12,10 @@ def test_ddp_trained_columns_and_merged_weights_match_single_process():
     assert found["ddp_gpt2_error"] < TOLERANCE
 
 
+def test_ddp_trains_qpaca_like_one_process_and_merges_it_dense():
+    assert results(PLAIN)["ddp_qpaca_nf4_error"] < 5 * TOLERANCE
+
+
 def test_ddp_with_column_sync_off_fails_the_check():
     assert results(PLAIN)["ddp_llama_control_error"] > 100 * TOLERANCE
 

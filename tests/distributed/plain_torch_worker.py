@@ -152,8 +152,8 @@ def run_fsdp1(make, *, delta: bool):
     return model, optimizer
 
 
-def run_ddp(make, *, sync: bool):
-    model = adapted(make)
+def run_ddp(make, *, sync: bool, quantize=None):
+    model = adapted(make, quantize)
     if not sync:
         set_paca_auto_sync(model, False)
     model = nn.parallel.DistributedDataParallel(model)
@@ -225,6 +225,8 @@ def main(out: Path) -> None:
         results[f"ddp_{name}_error"] = error_against(model, refs[name])
     control, _ = run_ddp(tiny_llama, sync=False)
     results["ddp_llama_control_error"] = error_against(control, refs["llama"])
+    model, _ = run_ddp(tiny_llama, sync=True, quantize="nf4")
+    results["ddp_qpaca_nf4_error"] = error_against(model, reference(tiny_llama, "nf4"))
 
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=2))
