@@ -22,6 +22,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from launch import exit_skipping_destructors  # this folder: the script's own directory
 from paca_lightning import PaCAConfig, load_adapter, paca_layers
 from paca_lightning.callback import PaCACallback
 from paca_lightning.distributed import PaCAFSDPStrategy, PaCAModelParallelStrategy, gather_adapter_state
@@ -154,10 +155,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    # Interpreter shutdown after several Trainers (each with its own device meshes and gloo
-    # subgroups) sometimes aborts in a C++ destructor ("terminate called without an active
-    # exception"), failing a run whose results are already written. The work is done: exit
-    # without running static destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_destructors()

@@ -8,7 +8,6 @@ invariant. Rank 0 writes the findings to OUT_DIR/results.json; the tests assert 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from launch import exit_skipping_destructors  # this folder: the script's own directory
 from paca_lightning import (PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync,
                             sync_paca_columns)
 from paca_lightning.distributed import (attach_column_sync, gather_adapter_state, merged_state_dict,
@@ -236,9 +236,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    # As in lightning_worker.py: interpreter shutdown after the gloo groups and FSDP states
-    # sometimes aborts in a C++ destructor ("terminate called without an active exception"),
-    # failing a run whose results are written. The work is done: skip static destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_destructors()
