@@ -10,7 +10,6 @@ with a single process training on the same global batches. Rank 0 writes OUT_DIR
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -22,7 +21,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launch import exit_skipping_destructors  # this folder: the script's own directory
+from launch import finish_worker  # this folder: the script's own directory
 from paca_lightning import PaCAConfig, load_adapter, paca_layers
 from paca_lightning.callback import PaCACallback
 from paca_lightning.distributed import PaCAFSDPStrategy, PaCAModelParallelStrategy, gather_adapter_state
@@ -147,12 +146,8 @@ def main(out: Path) -> None:
     two_nodes = fit("fsdp2", out / "two_nodes", max_steps=2, num_nodes=2)
     results["fsdp2_two_nodes_mesh_size"] = two_nodes.trainer.strategy.device_mesh["data_parallel"].size()
     results["fsdp2_two_nodes_step2_error"] = column_error(gathered_columns(two_nodes), refs[2])
-    if dist.get_rank() == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    exit_skipping_destructors()

@@ -7,7 +7,6 @@ invariant. Rank 0 writes the findings to OUT_DIR/results.json; the tests assert 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from launch import exit_skipping_destructors  # this folder: the script's own directory
+from launch import finish_worker  # this folder: the script's own directory
 from paca_lightning import (PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync,
                             sync_paca_columns)
 from paca_lightning.distributed import (attach_column_sync, gather_adapter_state, merged_state_dict,
@@ -227,13 +226,8 @@ def main(out: Path) -> None:
     results["ddp_llama_control_error"] = error_against(control, refs["llama"])
     model, _ = run_ddp(tiny_llama, sync=True, quantize="nf4")
     results["ddp_qpaca_nf4_error"] = error_against(model, reference(tiny_llama, "nf4"))
-
-    if rank == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out, results)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    exit_skipping_destructors()
