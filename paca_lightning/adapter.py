@@ -21,9 +21,8 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_write
 from .config import PaCAConfig
-from .model import apply_paca, paca_layers
-from .quantized import is_quantized_linear
-from .selection import in_features_of
+from .layers import in_features_of, is_conv1d, out_features_of
+from .model import apply_paca, paca_layers, sync_paca_columns
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -125,13 +124,9 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
         if name not in modules:
             continue  # apply_paca reports every missing name with close matches
         module = modules[name]
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            raise TypeError(f"adapter module {name!r} is a {type(module).__name__} without a weight")
-        if is_quantized_linear(module):  # a 4-bit weight is stored packed
-            out_features = module.out_features
-        else:
-            out_features = weight.shape[1] if meta["layout"] == "conv1d" else weight.shape[0]
+        if not (is_conv1d(module) or isinstance(module, nn.Linear)):
+            raise TypeError(f"adapter module {name!r} is a {type(module).__name__}, not a Linear or Conv1D layer")
+        out_features = out_features_of(module)
         if (in_features_of(module), out_features) != (meta["in_features"], meta["out_features"]):
             raise ValueError(f"adapter module {name!r} was trained on in_features={meta['in_features']}, "
                              f"out_features={meta['out_features']}, but the model's layer has "
@@ -152,7 +147,6 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
                 raise ValueError(f"adapter module {name!r}: config gives scaling {layer.scaling}, "
                                  f"the file records {expected_scaling}")
             layer.paca_weight.copy_(tensors[f"{name}.paca_weight"])
-            layer.sync_columns_()
         for name in description["extra_parameters"]:
             if name not in params:
                 raise ValueError(f"{weights_path} holds parameter {name!r}, which the model lacks")
@@ -160,6 +154,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
                 raise ValueError(f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, "
                                  f"the model's is {tuple(params[name].shape)}")
             params[name].copy_(tensors[name])
+    sync_paca_columns(model)
     if not trainable:
         for param in model.parameters():
             param.requires_grad_(False)

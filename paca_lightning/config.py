@@ -1,4 +1,5 @@
-"""`PaCAConfig`: what to adapt and how, validated the moment it is built."""
+"""`PaCAConfig`: what to adapt and how, validated the moment it is built, and the rules that
+match its module selectors and patterns against module names."""
 
 from __future__ import annotations
 
@@ -104,12 +105,25 @@ class PaCAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PaCAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PaCAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown PaCAConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**data)
+
+
+def selects(selector: Union[list[str], str], module_name: str, all_linear_names: set[str]) -> bool:
+    """Whether ``target_modules``/``exclude_modules`` ``selector`` picks ``module_name``.
+
+    ``"all-linear"`` picks the names in ``all_linear_names``; any other string is a regex that must
+    match the full name; a list picks names equal to an entry or ending with ``"." + entry``.
+    """
+    if selector == "all-linear":
+        return module_name in all_linear_names
+    if isinstance(selector, str):
+        return re.fullmatch(selector, module_name) is not None
+    return any(module_name == key or module_name.endswith("." + key) for key in selector)
 
 
 def name_matches(pattern: str, module_name: str) -> bool:

@@ -61,7 +61,8 @@ def processes_per_node(devices: Optional[str]) -> int:
     except ValueError:
         if "," in str(devices):  # a device list such as "0,1,3"
             return len([d for d in str(devices).split(",") if d.strip()])
-        raise ValueError(f"--devices must be an int, 'auto' or a comma-separated device list, got {devices!r}") from None
+        raise ValueError(f"--devices must be an int, 'auto' or a comma-separated device list, "
+                         f"got {devices!r}") from None
     if count < 1:
         raise ValueError(f"--devices must be >= 1 to launch processes, got {count}")
     return count
@@ -131,7 +132,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         return 0
     import torch.distributed.run as torchrun
-
     from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 
     os.environ.setdefault("OMP_NUM_THREADS", str(_suggested_max_num_threads(nprocs)))

@@ -39,8 +39,8 @@ try:  # transformers is a dependency, but the math here must not need it.
 except ImportError:  # pragma: no cover
     Conv1D = None
 
-try:  # FSDP2 (fully_shard) shards parameters as DTensors; see paca_lightning.distributed.
-    from torch.distributed.tensor import DTensor
+try:  # FSDP2 (fully_shard) shards parameters as DTensors; see paca_lightning.parallel.
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover (torch built without distributed support)
     DTensor = ()
 
@@ -112,19 +112,69 @@ def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
-class PaCALinear(nn.Module):
+def in_features_of(module: nn.Module) -> int:
+    """Input features of a Linear (bitsandbytes' quantized Linears are ``nn.Linear`` subclasses and
+    carry ``in_features``; their packed weight's shape says nothing) or a GPT-2 ``Conv1D``."""
+    return module.nx if is_conv1d(module) else module.in_features
+
+
+def out_features_of(module: nn.Module) -> int:
+    return module.nf if is_conv1d(module) else module.out_features
+
+
+class PaCALayer(nn.Module):
+    """What every PaCA layer offers, whatever holds its frozen base: `PaCALinear` (a dense
+    ``nn.Linear``/``Conv1D`` weight) or `paca_lightning.quantized.QuantizedPaCALinear` (a
+    bitsandbytes 4-bit/8-bit weight). Adapter files, merging and `disable_paca` use only this.
+
+    Attributes: ``paca_weight`` (out x r, trainable), ``paca_indices`` (r sorted int64 input
+    features), ``paca_base_columns`` (the pretrained values of those columns, out x r),
+    ``scaling`` (``alpha / r``), ``in_features``, ``out_features``, ``transposed`` (the weight is
+    stored in x out, as in ``Conv1D``), ``paca_enabled``.
+    """
+
+    paca_weight: nn.Parameter
+    paca_indices: torch.Tensor
+    paca_base_columns: torch.Tensor
+    scaling: float
+    in_features: int
+    out_features: int
+    transposed: bool
+    paca_enabled: bool
+
+    @property
+    def rank(self) -> int:
+        return self.paca_indices.numel()
+
+    def set_paca_enabled(self, enabled: bool) -> None:
+        """Disabled, the layer computes with its pretrained columns and never writes its weight."""
+        self.paca_enabled = enabled
+
+    def merged_module(self) -> nn.Module:
+        """A layer of the base's type holding the trained columns: no PaCA needed to run it."""
+        raise NotImplementedError
+
+    def base_module(self) -> nn.Module:
+        """The base layer with its pretrained weight, bit for bit."""
+        raise NotImplementedError
+
+
+class PaCALinear(PaCALayer):
     """A pretrained ``nn.Linear`` or GPT-2 ``Conv1D`` whose columns ``paca_indices`` train in place.
 
     Args:
-        base: the layer to adapt. Its ``weight`` and ``bias`` Parameters are taken over (same
-            objects, so state-dict keys stay ``<name>.weight``/``<name>.bias``).
+        base: the layer to adapt: ``nn.Linear`` or transformers ``Conv1D``. Its ``weight`` and
+            ``bias`` Parameters are taken over (same objects, so state-dict keys stay
+            ``<name>.weight``/``<name>.bias``).
         paca_indices: ``r`` distinct input features to train.
         scaling: ``s = alpha / r``; the layer uses ``s * paca_weight`` as the trained columns.
         paca_dtype: dtype of the trainable columns (see `PaCAConfig.paca_dtype`).
 
-    Public attributes: ``weight`` (frozen base, holding the trained columns), ``bias``,
-    ``paca_weight`` (out x r, trainable), ``paca_indices`` (int64, sorted), ``scaling``,
-    ``paca_base_columns`` (the pretrained values of the trained columns, out x r).
+    ``auto_sync`` (default True): every forward first writes ``s * paca_weight`` into the weight's
+    columns. Turn it off (`paca_lightning.set_paca_auto_sync`) where forward cannot reach the
+    real storage (FSDP2 computes on transient unsharded copies) or should not mutate a
+    parameter (inside a ``torch.compile`` graph); whoever updates ``paca_weight`` then calls
+    `sync_columns_` after (an optimizer post-step hook, `PaCACallback`).
     """
 
     def __init__(self, base: nn.Module, paca_indices: torch.Tensor, scaling: float,
@@ -132,12 +182,11 @@ class PaCALinear(nn.Module):
         super().__init__()
         if is_conv1d(base):
             self.transposed = True
-            in_features, out_features = base.weight.shape
         elif type(base) is nn.Linear:
             self.transposed = False
-            out_features, in_features = base.weight.shape
         else:
             raise TypeError(f"PaCALinear adapts nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        out_features, in_features = base.weight.shape[::-1] if self.transposed else base.weight.shape
         indices = validated_indices(paca_indices, in_features, base.weight.device)
         self.in_features, self.out_features = in_features, out_features
         self.scaling = float(scaling)
@@ -150,23 +199,10 @@ class PaCALinear(nn.Module):
         dtype = paca_dtype or self.weight.dtype
         self.paca_weight = nn.Parameter(self.paca_base_columns.to(dtype) / self.scaling)
         self.paca_enabled = True
-        # With auto_sync, every forward first writes s * P into the weight's columns. Turn it off
-        # where forward cannot reach the real storage (FSDP2 computes on transient unsharded
-        # copies) or should not mutate a parameter (inside a torch.compile graph); then whoever
-        # updates paca_weight (optimizer step, load) calls sync_columns_() after.
         self.auto_sync = True
-        # With delta_form, forward never relies on the weight's columns: it computes
-        # x @ W^T + x_S @ ((s*P).to(W.dtype) - W[:, S])^T, exact whatever W holds. For wrappers
-        # whose shards cannot take a column write (FSDP1 flat parameters), at the cost of one
-        # thin matmul; set by paca_lightning.distributed.use_delta_form.
-        self.delta_form = False
         # The original module, unregistered: `merged_module`/`base_module` hand it back.
         self._base_module = (base,)
         self.sync_columns_()
-
-    @property
-    def rank(self) -> int:
-        return self.paca_indices.numel()
 
     def _read_columns(self) -> torch.Tensor:
         """The weight's values at ``paca_indices`` as (out x r)."""
@@ -176,15 +212,16 @@ class PaCALinear(nn.Module):
 
     @torch.no_grad()
     def _write_columns(self, columns: torch.Tensor) -> None:
+        """Write ``columns`` (out x r) into the weight: the whole tensor, or a DTensor's local shard."""
         if isinstance(self.weight, DTensor):
-            from .distributed import write_local_columns
-            write_local_columns(self, columns)
+            _write_local_columns(self, columns)
             return
         if self.weight.dim() != 2:  # FSDP1 (use_orig_params) shows a flat 1-D slice between steps
             raise RuntimeError(f"PaCA layer ({self.extra_repr()}): the weight is a flattened shard of shape "
                                f"{tuple(self.weight.shape)}, so the trained columns cannot be written into it. "
-                               "Under FSDP1 use paca_lightning.distributed.PaCAFSDPStrategy (or "
-                               "use_delta_form(model) before wrapping); under FSDP2 shard_paca_model")
+                               "Under FSDP1 use paca_lightning.training.PaCAFSDPStrategy (or "
+                               "paca_lightning.parallel.use_delta_form(model) before wrapping); under FSDP2 "
+                               "paca_lightning.parallel.shard_paca_model")
         columns = columns.to(self.weight.dtype)
         # Through .data: the write leaves the weight's autograd version alone, so a graph that
         # saved the weight (this layer used twice in one step, a reference forward under
@@ -203,16 +240,13 @@ class PaCALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
             return _linear(x, self._pretrained_weight(), self.bias, self.transposed)
-        if self.auto_sync and not self.delta_form:
+        if self.auto_sync:
             self.sync_columns_()
-        if self.delta_form:
-            delta = (self.paca_weight * self.scaling).to(self.weight.dtype) - self._read_columns()
-            return (_linear(x, self.weight, self.bias, self.transposed)
-                    + F.linear(x.index_select(-1, self.paca_indices), delta))
-        if torch.is_grad_enabled() and self.paca_weight.requires_grad:
-            return PaCAFunction.apply(x, self.weight, self.bias, self.paca_weight, self.paca_indices,
-                                      self.scaling, self.transposed)
-        return _linear(x, self.weight, self.bias, self.transposed)
+        if not (torch.is_grad_enabled() and self.paca_weight.requires_grad):
+            # the same product; only what backward would need is left out (no x_S copy)
+            return _linear(x, self.weight, self.bias, self.transposed)
+        return PaCAFunction.apply(x, self.weight, self.bias, self.paca_weight, self.paca_indices,
+                                  self.scaling, self.transposed)
 
     def _pretrained_weight(self) -> torch.Tensor:
         """A transient copy of the weight with the pretrained columns: what a disabled layer uses.
@@ -227,11 +261,6 @@ class PaCALinear(nn.Module):
             return weight.index_copy_(0, self.paca_indices, columns.t())
         return weight.index_copy_(1, self.paca_indices, columns)
 
-    @torch.no_grad()
-    def set_paca_enabled(self, enabled: bool) -> None:
-        """Disabled, the layer computes with the pretrained columns (`_pretrained_weight`)."""
-        self.paca_enabled = enabled
-
     def _release(self) -> nn.Module:
         base = self._base_module[0]
         # Parameters may have been replaced since wrapping (e.g. by a sharding wrapper).
@@ -242,7 +271,7 @@ class PaCALinear(nn.Module):
     def merged_module(self) -> nn.Module:
         """The original layer type, its weight holding the trained columns: no PaCA needed."""
         self.paca_enabled = True
-        self.sync_columns_()
+        self._write_columns(self.paca_weight * self.scaling)
         return self._release()
 
     def base_module(self) -> nn.Module:
@@ -255,3 +284,47 @@ class PaCALinear(nn.Module):
         layout = "Conv1D" if self.transposed else "Linear"
         return (f"{layout}(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}), rank={self.rank}, scaling={self.scaling:g}")
+
+
+def _write_local_columns(layer: PaCALinear, columns: torch.Tensor) -> None:
+    """Write ``columns`` (out x r) into the local shard of a DTensor weight, with no communication.
+
+    ``columns`` is either a DTensor sharded like ``layer.paca_weight`` (the trained columns) or a
+    full tensor (``paca_base_columns``, which FSDP2 keeps whole on every rank as a buffer). The
+    write is exact only when the weight's output dimension is sharded exactly like
+    ``paca_weight``'s rows; any other layout raises, naming the layer and its placements.
+    """
+    weight, paca = layer.weight, layer.paca_weight
+    output_dim = 1 if layer.transposed else 0
+    if not isinstance(paca, DTensor) or paca.device_mesh != weight.device_mesh:
+        raise RuntimeError(f"PaCA layer ({layer.extra_repr()}): the weight is a DTensor but paca_weight "
+                           "is not sharded on the same device mesh; shard the whole PaCALinear with one "
+                           "fully_shard call (see paca_lightning.parallel.shard_paca_model)")
+    expected = tuple(Shard(output_dim) if p == Shard(0) else p for p in paca.placements)
+    if tuple(weight.placements) != expected or any(
+            not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0)
+            for p in paca.placements):
+        layout = "Conv1D (weight stored in x out)" if layer.transposed else "Linear"
+        raise RuntimeError(
+            f"PaCA cannot keep its trained columns exact without communication for this {layout} "
+            f"layer ({layer.extra_repr()}): weight placements {tuple(weight.placements)}, paca_weight "
+            f"placements {tuple(paca.placements)}. The weight's output dimension (dim {output_dim}) must "
+            f"be sharded like paca_weight's rows (dim 0), i.e. weight placements {expected}. Use "
+            "paca_lightning.parallel.shard_paca_model, or fully_shard(module, "
+            "shard_placement_fn=paca_shard_placement(model))")
+    local_columns = columns.to_local() if isinstance(columns, DTensor) else local_rows(columns, paca)
+    local_weight = weight.to_local()
+    local_columns = local_columns.to(device=local_weight.device, dtype=local_weight.dtype)
+    if layer.transposed:
+        local_weight.index_copy_(0, layer.paca_indices.to(local_weight.device), local_columns.t())
+    else:
+        local_weight.index_copy_(1, layer.paca_indices.to(local_weight.device), local_columns)
+
+
+def local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's rows of ``full`` (a whole tensor shaped like ``like``), the rows ``like``'s
+    local shard holds; e.g. the pretrained columns (a buffer, whole on every rank) that belong
+    beside this rank's shard of ``paca_weight``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # no public equivalent
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[offset[0]:offset[0] + shape[0]]

@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import re
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from .config import PaCAConfig
-from .layers import PaCALinear, is_conv1d
-from .quantized import (QuantizedPaCALinear, check_quantized_targets, drop_quantization_markers,
-                        import_bitsandbytes, is_quantized_linear, quantized_paca_layer)
-from .selection import (Calibration, gradient_scores, in_features_of, random_columns, top_columns,
-                        weight_norm_scores)
+from .config import PaCAConfig, selects
+from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d
+from .quantized import (
+    QuantizedPaCALinear,
+    check_quantized_targets,
+    dequantize_weight,
+    drop_quantization_markers,
+    import_bitsandbytes,
+    is_quantized_linear,
+    quantized_paca_layer,
+)
+from .selection import Calibration, gradient_scores, random_columns, top_columns, weight_norm_scores
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALinear]]:
-    """Every `PaCALinear` of ``model`` with its module name."""
+def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALayer]]:
+    """Every PaCA layer of ``model`` (`PaCALinear` or `QuantizedPaCALinear`) with its module name."""
     for name, module in model.named_modules():
-        if isinstance(module, PaCALinear):
+        if isinstance(module, PaCALayer):
             yield name, module
+
+
+def _dense_paca_layers(model: nn.Module) -> Iterator[PaCALinear]:
+    """The layers whose weight holds the trained columns (not QPaCA's, which never does)."""
+    return (layer for _, layer in paca_layers(model) if isinstance(layer, PaCALinear))
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -47,27 +57,17 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _name_in_list(name: str, keys: list[str]) -> bool:
-    return any(name == key or name.endswith("." + key) for key in keys)
-
-
-def _selected(name: str, selector, all_linear_names: set[str]) -> bool:
-    if selector == "all-linear":
-        return name in all_linear_names
-    if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
-    return _name_in_list(name, selector)
-
-
-def _find_targets(model: nn.Module, config: PaCAConfig) -> dict[str, nn.Module]:
+def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
+    """``{name: module}`` that ``config.target_modules`` minus ``config.exclude_modules`` selects
+    (`PaCAConfig`, or any object with those two fields); raises naming what is wrong."""
     modules = dict(model.named_modules(remove_duplicate=False))  # every alias: `_refuse_shared` checks them
     heads = _output_head_names(model)
     all_linear = {name for name, m in modules.items() if _is_linear_like(m) and name not in heads}
     chosen = {name: m for name, m in modules.items()
-              if name and _selected(name, config.target_modules, all_linear)}
+              if name and selects(config.target_modules, name, all_linear)}
     if config.exclude_modules is not None:
         chosen = {name: m for name, m in chosen.items()
-                  if not _selected(name, config.exclude_modules, all_linear)}
+                  if not selects(config.exclude_modules, name, all_linear)}
 
     if isinstance(config.target_modules, list):
         leaf_names = sorted({name.split(".")[-1] for name in modules if name})
@@ -161,7 +161,7 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
                 raise TypeError(f"module {name!r} is a {type(module).__name__}, not nn.Linear/Conv1D or "
                                 "a bitsandbytes Linear4bit/Linear8bitLt")
     else:
-        targets = _find_targets(model, config)
+        targets = find_targets(model, config)
 
     _refuse_shared(model, targets)
     if config.quantize is not None:
@@ -191,7 +191,7 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         scores = gradient_scores(model, targets, calibration)
         chosen = {name: top_columns(scores[name], config.rank_for(name)) for name in targets}
     elif config.selection == "weight_norm":
-        chosen = {name: top_columns(weight_norm_scores(m), config.rank_for(name))
+        chosen = {name: top_columns(weight_norm_scores(_dense_weight(m), is_conv1d(m)), config.rank_for(name))
                   for name, m in targets.items()}
     else:
         chosen = {name: random_columns(in_features_of(m), config.rank_for(name), config.seed, name)
@@ -212,12 +212,18 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         else:
             layer = PaCALinear(module, chosen[name], scaling,
                                _resolve_paca_dtype(config, module.weight.dtype))
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.paca_config = config
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as stored, or dequantized to float32 for a bitsandbytes base."""
+    return dequantize_weight(module, torch.float32) if is_quantized_linear(module) else module.weight
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -255,11 +261,11 @@ def _release_all(model: nn.Module, merged: bool, quantized_export: Optional[dict
         raise ValueError(f"{type(model).__name__} has no PaCA layers; apply_paca or load_adapter first")
     for name, layer in layers:
         if not merged:
-            _set_submodule(model, name, layer.base_module())
+            set_submodule(model, name, layer.base_module())
         elif isinstance(layer, QuantizedPaCALinear):
-            _set_submodule(model, name, layer.merged_module(**(quantized_export or {})))
+            set_submodule(model, name, layer.merged_module(**(quantized_export or {})))
         else:
-            _set_submodule(model, name, layer.merged_module())
+            set_submodule(model, name, layer.merged_module())
     if "paca_config" in vars(model):
         del model.paca_config
     return model
@@ -286,8 +292,8 @@ def disable_paca(model: nn.Module) -> Iterator[nn.Module]:
 
 def sync_paca_columns(model: nn.Module) -> None:
     """Write every layer's trained columns into its weight now (see `PaCALinear.auto_sync`)."""
-    for _, layer in paca_layers(model):
-        if layer.paca_enabled and not layer.delta_form:  # the delta form needs no written columns
+    for layer in _dense_paca_layers(model):
+        if layer.paca_enabled:
             layer.sync_columns_()
 
 
@@ -297,7 +303,7 @@ def set_paca_auto_sync(model: nn.Module, enabled: bool) -> None:
     Off, the caller must call `sync_paca_columns` after each optimizer step and after loading
     trained values; `PaCACallback` does so. Needed for ``torch.compile`` and FSDP2.
     """
-    for _, layer in paca_layers(model):
+    for layer in _dense_paca_layers(model):
         layer.auto_sync = enabled
 
 

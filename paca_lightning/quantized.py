@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PaCALinear, is_conv1d, validated_indices
+from .layers import PaCALayer, is_conv1d, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
@@ -185,7 +185,7 @@ def dense_dtype_of(model: nn.Module) -> torch.dtype:
 
 
 def quantized_paca_layer(module: nn.Module, paca_indices: torch.Tensor, scaling: float,
-                         quantize: Optional[str], paca_dtype: torch.dtype, model: nn.Module) -> "QuantizedPaCALinear":
+                         quantize: Optional[str], paca_dtype: torch.dtype, model: nn.Module) -> QuantizedPaCALinear:
     """The QPaCA layer `apply_paca` builds for a quantized target or under ``PaCAConfig.quantize``.
 
     A plain ``nn.Linear`` is quantized first (``quantize`` set); a bitsandbytes layer is wrapped
@@ -263,12 +263,13 @@ class QuantizedPaCAFunction(torch.autograd.Function):
         return grad_x, grad_paca, grad_bias, None
 
 
-class QuantizedPaCALinear(PaCALinear):
+class QuantizedPaCALinear(PaCALayer):
     """A bitsandbytes ``Linear4bit``/``Linear8bitLt`` whose columns ``paca_indices`` train.
 
-    Same public attributes as `PaCALinear` (``weight`` is the frozen quantized Parameter,
+    A `PaCALayer` like `PaCALinear` (``weight`` is the frozen quantized Parameter,
     ``paca_base_columns`` the dequantized pretrained columns in float32), so adapter files,
-    `merge_paca`, `unload_paca` and `disable_paca` treat both alike.
+    `merge_paca`, `unload_paca` and `disable_paca` treat both alike. Unlike `PaCALinear` its
+    weight never holds trained values, so there is no column write to keep in sync.
 
     Args:
         base: the quantized layer. Its ``weight``/``bias`` Parameters are taken over (state-dict
@@ -283,7 +284,7 @@ class QuantizedPaCALinear(PaCALinear):
 
     def __init__(self, base: nn.Module, paca_indices: torch.Tensor, scaling: float,
                  paca_dtype: Optional[torch.dtype] = None, merge_dtype: Optional[torch.dtype] = None) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         kind = quantized_kind(base)
         if kind is None:
             raise TypeError(f"QuantizedPaCALinear adapts {SUPPORTED_LAYERS}, got "
@@ -335,10 +336,6 @@ class QuantizedPaCALinear(PaCALinear):
         self.paca_weight = nn.Parameter(base_columns.to(paca_dtype or torch.float32) / self.scaling)
         self.merge_dtype = merge_dtype or (self.quant_state.dtype if kind == "4bit" else torch.float32)
         self.paca_enabled = True
-        # The weight never holds trained values, so there is nothing to keep in sync: these exist
-        # for code that drives any PaCALinear (callbacks, sharding helpers).
-        self.auto_sync = True
-        self.delta_form = False
         self._base_module = (base,)
 
     @property
@@ -390,15 +387,6 @@ class QuantizedPaCALinear(PaCALinear):
         weight.index_copy_(1, self.paca_indices, (paca_weight.detach() * self.scaling).to(dtype))
         return weight
 
-    def _read_columns(self) -> torch.Tensor:
-        return self.dequantized_weight(torch.float32).index_select(1, self.paca_indices)
-
-    def _write_columns(self, columns: torch.Tensor) -> None:
-        raise RuntimeError("a quantized PaCA base is never written; the trained columns live in paca_weight")
-
-    def sync_columns_(self) -> None:
-        """Nothing to write: every use substitutes ``paca_weight`` into a fresh dequantized copy."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.paca_enabled:
             return self._linear_without_autograd_function(x, self.dequantized_weight)
@@ -412,11 +400,6 @@ class QuantizedPaCALinear(PaCALinear):
         dtype = self.compute_dtype_for(x)
         y = F.linear(x.to(dtype), weight_in(dtype), None if self.bias is None else self.bias.to(dtype))
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
-
-    @torch.no_grad()
-    def set_paca_enabled(self, enabled: bool) -> None:
-        """Disabled, the layer computes with the dequantized pretrained weight."""
-        self.paca_enabled = enabled
 
     def merged_module(self, dtype: Optional[torch.dtype] = None, requantize: bool = False) -> nn.Module:
         """A layer without PaCA holding the trained columns.

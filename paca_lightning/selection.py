@@ -13,15 +13,8 @@ import torch
 from torch import nn
 
 from .layers import is_conv1d
-from .quantized import dequantize_weight, is_quantized_linear
 
 Calibration = Union[Mapping[str, Any], Callable[[nn.Module], torch.Tensor]]
-
-
-def in_features_of(module: nn.Module) -> int:
-    if is_quantized_linear(module):  # a 4-bit weight is stored packed, its shape says nothing
-        return module.in_features
-    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
 
 
 def random_columns(in_features: int, rank: int, seed: int, module_name: str) -> torch.Tensor:
@@ -39,12 +32,10 @@ def top_columns(scores: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.topk(scores.float().cpu(), rank).indices.sort().values
 
 
-def weight_norm_scores(module: nn.Module) -> torch.Tensor:
-    """L2 norm of each input column of the weight (dequantized for a bitsandbytes base)."""
-    if is_quantized_linear(module):
-        return dequantize_weight(module, torch.float32).norm(dim=0)
-    weight = module.weight.detach().float()
-    return weight.norm(dim=1) if is_conv1d(module) else weight.norm(dim=0)
+def weight_norm_scores(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """L2 norm of each input column of a dense weight (out x in, or in x out when ``transposed``)."""
+    weight = weight.detach().float()
+    return weight.norm(dim=1) if transposed else weight.norm(dim=0)
 
 
 @torch.enable_grad()

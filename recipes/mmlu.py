@@ -9,9 +9,10 @@ from the subject's dev split and prints accuracy per subject and overall, before
 (``--mmlu.before_fit=false`` skips that) and after it.
 """
 
+from recipe_cli import run_recipe
+
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.mmlu import MMLUDataModule, MMLUEvaluation
-from recipe_cli import run_recipe
 
 DEMO_DEFAULTS = {
     "cpu_threads": 1,  # tiny matrices: see recipes/oasst1.py

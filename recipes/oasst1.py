@@ -12,9 +12,10 @@ well under a minute (about 15 s on 2 cores) and ends by printing the loss, token
 adapter, the merged model and the loss curve.
 """
 
+from recipe_cli import run_recipe
+
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.oasst1 import OASST1DataModule
-from recipe_cli import run_recipe
 
 DEMO_DEFAULTS = {
     # The demo's matrices are 128 wide: a second thread gains nothing, and OpenMP threads that

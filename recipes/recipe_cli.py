@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -23,9 +22,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from paca_lightning import PaCAFineTuneModule
-from paca_lightning.callback import ADAPTER_DIRNAME, MERGED_DIRNAME
-from paca_lightning.lora import LORA_ADAPTER_DIRNAME
+from paca_lightning.training import (
+    ADAPTER_DIRNAME,
+    LORA_ADAPTER_DIRNAME,
+    MERGED_DIRNAME,
+    PaCAFineTuneModule,
+    TrainingProgress,
+)
 
 # torchdata's StatefulDataLoader calls an API torch 2.13 deprecated; the warning is not the user's to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -54,7 +57,8 @@ def run_recipe(datamodule_class: type, defaults: dict[str, Any], args: Optional[
 
 
 class RecipeReport(L.Callback):
-    """Records the training loss and token throughput, and generates a sample reply.
+    """Records the training loss and generates a sample reply; the throughput it prints is the
+    run's `TrainingProgress` measurement.
 
     Args:
         sample_prompt: user message answered with the chat template before and after training.
@@ -70,32 +74,19 @@ class RecipeReport(L.Callback):
         self.loss_curve = loss_curve
         self.losses: list[tuple[int, float]] = []
         self.samples: dict[str, str] = {}
-        self.tokens = 0
-        self.seconds = 0.0
-        self._step_started: Optional[float] = None
+        self.progress: Optional[TrainingProgress] = None
 
     def _sample(self, pl_module: L.LightningModule, when: str) -> None:
         if self.sample_prompt and hasattr(pl_module, "generate") and pl_module.trainer.is_global_zero:
             self.samples[when] = pl_module.generate(self.sample_prompt, self.max_new_tokens, chat=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.progress = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
         self._sample(pl_module, "before")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append((trainer.global_step, float(loss.detach())))
-        if len(self.losses) > 1:  # the first step includes one-time warm-up (allocations, kernels)
-            self.seconds += time.perf_counter() - self._step_started
-            mask = batch.get("attention_mask")  # packed rows have none: they are (nearly) all tokens
-            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Input tokens per second of training steps on this process (the first step excluded)."""
-        return self.tokens / self.seconds if self.seconds else float("nan")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._sample(pl_module, "after")
@@ -130,9 +121,10 @@ class RecipeReport(L.Callback):
         tail = [v for _, v in self.losses[-max(1, len(self.losses) // 10):]]
         lines = [f"training loss: {sum(head) / len(head):.3f} (first {len(head)} steps) -> "
                  f"{sum(tail) / len(tail):.3f} (last {len(tail)} steps)"]
-        if self.seconds:
-            lines.append(f"throughput: {self.tokens_per_second:,.0f} tokens/s per process "
-                         f"({self.tokens:,} tokens in {self.seconds:.1f} s, first step excluded)")
+        if self.progress is not None and self.progress.seconds:
+            lines.append(f"throughput: {self.progress.tokens_per_second:,.0f} tokens/s per process "
+                         f"({self.progress.tokens:,} tokens in {self.progress.seconds:.1f} s of training, "
+                         "first step excluded)")
         for when, text in self.samples.items():
             lines.append(f"sample {when} fine-tuning, user: {self.sample_prompt!r}\n  assistant: {text.strip()!r}")
         return lines

@@ -57,7 +57,6 @@ MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, 
 def corpus_documents() -> list[str]:
     """The pretraining documents, in a fixed order, each at least a few lines of prose."""
     import importlib
-
     import pydoc_data.topics
 
     documents = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]

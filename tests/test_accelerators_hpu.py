@@ -13,8 +13,10 @@ import subprocess
 import sys
 import textwrap
 
+import fake_habana
 import pytest
 import torch
+from conftest import make_tiny_llama
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import AcceleratorRegistry, CPUAccelerator
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -24,14 +26,20 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-import fake_habana
 import paca_lightning
-from conftest import make_tiny_llama
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
-from paca_lightning.accelerators import (GaudiSoftwareNotFoundError, HPUAccelerator, HPUDDPStrategy,
-                                         HPUFSDPStrategy, RunAfterImport, SingleHPUStrategy,
-                                         SynchronizedThroughputMonitor, synchronize_device)
-from paca_lightning.accelerators import reporting, strategies
+from paca_lightning.accelerators import (
+    GaudiSoftwareNotFoundError,
+    HPUAccelerator,
+    HPUDDPStrategy,
+    HPUFSDPStrategy,
+    RunAfterImport,
+    SingleHPUStrategy,
+    SynchronizedThroughputMonitor,
+    reporting,
+    strategies,
+    synchronize_device,
+)
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 

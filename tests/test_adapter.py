@@ -4,9 +4,9 @@ import stat
 
 import pytest
 import torch
+from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from paca_lightning import PaCAConfig, apply_paca, load_adapter, paca_layers, save_adapter
 from paca_lightning.adapter import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 

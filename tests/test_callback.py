@@ -11,11 +11,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from transformers import AutoModelForCausalLM
 
 from paca_lightning import PaCACallback, PaCAConfig, PaCAFineTuneModule, load_adapter, paca_layers
-from paca_lightning.callback import NonFiniteLossError, adapt_for_training, find_transformers_model
-from paca_lightning.checkpoint import AtomicCheckpointIO
+from paca_lightning.training import AtomicCheckpointIO, NonFiniteLossError, adapt_for_training, paca_callbacks
+from paca_lightning.training.lookup import find_transformers_model
 from tests.conftest import make_tiny_llama
-from tests.lightning_helpers import (assert_columns_in_weights, loader, quiet_trainer, token_examples,
-                                     trained_columns)
+from tests.lightning_helpers import assert_columns_in_weights, loader, quiet_trainer, token_examples, trained_columns
 
 CONFIG = PaCAConfig(rank=4, alpha=8)
 
@@ -40,21 +39,25 @@ class ThirdPartyModule(LightningModule):
 
 
 class BuildsInConfigureModel(ThirdPartyModule):
-    """A user's module that creates its model in configure_model (the FSDP-friendly pattern)."""
+    """A user's module that creates its model in configure_model (the FSDP-friendly pattern) and,
+    since that runs after every callback's setup, adapts it there."""
 
-    def __init__(self):
+    def __init__(self, adapt=True):
         LightningModule.__init__(self)
         self.net = None
+        self.adapt = adapt
 
     def configure_model(self):
         if self.net is None:
             self.net = make_tiny_llama()
+            if self.adapt:
+                adapt_for_training(self.net, CONFIG)
 
 
 @pytest.mark.parametrize("module_class", [ThirdPartyModule, BuildsInConfigureModel])
 def test_a_third_party_module_gets_paca_from_the_callback_alone(tmp_path, module_class):
     module = module_class()
-    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[PaCACallback(CONFIG)])
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=paca_callbacks(CONFIG))
     trainer.fit(module, loader(token_examples(8), 2))
 
     layers = dict(paca_layers(module.net))
@@ -75,12 +78,27 @@ def test_a_third_party_module_gets_paca_from_the_callback_alone(tmp_path, module
     assert torch.equal(reloaded(input_ids=batch["input_ids"][None]).logits, expected)
 
 
+def test_a_model_built_in_configure_model_without_paca_is_refused_with_the_fix(tmp_path):
+    trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=paca_callbacks(CONFIG))
+    with pytest.raises(RuntimeError, match=r"built its model in configure_model without PaCA.*adapt_for_training"):
+        trainer.fit(BuildsInConfigureModel(adapt=False), loader(token_examples(4), 2))
+
+
+def test_no_method_of_the_users_module_is_replaced(tmp_path):
+    module = BuildsInConfigureModel()
+    before = dict(vars(module))
+    quiet_trainer(tmp_path, max_steps=1, callbacks=paca_callbacks(CONFIG, save_merged_on_fit_end=False,
+                                                                   save_adapter_on_fit_end=False)).fit(
+        module, loader(token_examples(4), 2))
+    assert not [name for name, value in vars(module).items() if callable(value) and before.get(name) is not value]
+
+
 def test_trainer_features_work_together_with_paca(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", save_last=True)
     trainer = quiet_trainer(
         tmp_path, max_steps=12, logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
         enable_checkpointing=True, enable_progress_bar=True, gradient_clip_val=0.5, val_check_interval=2,
-        callbacks=[checkpoint, EarlyStopping(monitor="val/loss", patience=2, mode="min"), PaCACallback(CONFIG)])
+        callbacks=[checkpoint, EarlyStopping(monitor="val/loss", patience=2, mode="min"), *paca_callbacks(CONFIG)])
     module = PaCAFineTuneModule(make_tiny_llama(), CONFIG, learning_rate=1e-2)
     trainer.fit(module, loader(token_examples(32), 2), loader(token_examples(4, seed=7), 2))
 
@@ -101,8 +119,8 @@ def test_trainer_features_work_together_with_paca(tmp_path):
 
 def _checkpoint_size(tmp_path, adapter_only):
     trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True,
-                            callbacks=[PaCACallback(CONFIG, adapter_only_checkpoints=adapter_only,
-                                                    save_merged_on_fit_end=False)])
+                            callbacks=paca_callbacks(CONFIG, adapter_only_checkpoints=adapter_only,
+                                                     save_merged_on_fit_end=False))
     trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
     path, = (tmp_path / "checkpoints").parent.rglob("*.ckpt")
     return path.stat().st_size, torch.load(path, weights_only=True)
@@ -196,7 +214,7 @@ def test_checkpointed_runs_are_warned_about_data_loaders_that_cannot_resume_exac
 
     def fit_with(data):
         trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=True,
-                                callbacks=[PaCACallback(CONFIG, save_merged_on_fit_end=False)])
+                                callbacks=paca_callbacks(CONFIG, save_merged_on_fit_end=False))
         trainer.fit(ThirdPartyModule(), data)
 
     with pytest.warns(UserWarning, match="has no state_dict.*StatefulDataLoader"):
@@ -208,15 +226,15 @@ def test_checkpointed_runs_are_warned_about_data_loaders_that_cannot_resume_exac
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit_with(StatefulDataLoader(token_examples(4), batch_size=2, shuffle=True))
-    assert not [w for w in caught if "PaCACallback" in str(w.message)]
+    assert not [w for w in caught if "PaCACheckpointing" in str(w.message)]
 
 
 @pytest.mark.parametrize("progress_lines", [True, False])
 def test_plain_progress_lines_show_step_loss_throughput_and_eta(tmp_path, capsys, progress_lines):
     module = PaCAFineTuneModule(make_tiny_llama(), CONFIG, learning_rate=1e-3)
-    callback = PaCACallback(CONFIG, progress_lines=progress_lines, save_adapter_on_fit_end=False,
-                            save_merged_on_fit_end=False)
-    quiet_trainer(tmp_path, max_steps=6, log_every_n_steps=2, callbacks=[callback]).fit(
+    callbacks = paca_callbacks(CONFIG, progress_lines=progress_lines, save_adapter_on_fit_end=False,
+                               save_merged_on_fit_end=False)
+    quiet_trainer(tmp_path, max_steps=6, log_every_n_steps=2, callbacks=callbacks).fit(
         module, loader(token_examples(12), 2))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     if not progress_lines:

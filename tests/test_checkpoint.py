@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from paca_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from paca_lightning.training.checkpointing import AtomicCheckpointIO, atomic_torch_save
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_next_s
     atomic_torch_save({"step": 1}, target)
     script = (
         "import os, signal, sys, torch\n"
-        "from paca_lightning.checkpoint import atomic_torch_save\n"
+        "from paca_lightning.training.checkpointing import atomic_torch_save\n"
         "def killed_while_writing(obj, path):\n"
         "    handle = open(path, 'wb'); handle.write(b'partial bytes'); handle.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

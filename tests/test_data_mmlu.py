@@ -9,8 +9,15 @@ from torch import nn
 
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.collation import IGNORE_INDEX
-from paca_lightning.data.mmlu import (MMLUDataModule, build_eval_examples, evaluate_mmlu, format_prompt,
-                                      format_results, letter_token_ids, normalize_rows)
+from paca_lightning.data.mmlu import (
+    MMLUDataModule,
+    build_eval_examples,
+    evaluate_mmlu,
+    format_prompt,
+    format_results,
+    letter_token_ids,
+    normalize_rows,
+)
 from paca_lightning.data.sources import SkipCounter
 from paca_lightning.data.tokenizer import load_tokenizer
 

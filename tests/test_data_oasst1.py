@@ -7,10 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from paca_lightning.data import OASST1_SAMPLE, TINY_LLAMA_DIR
-from paca_lightning.data.collation import (IGNORE_INDEX, CausalLMCollator, pack_examples,
-                                           tokenize_conversation)
-from paca_lightning.data.oasst1 import (OASST1DataModule, conversation_from_text, conversations_from_rows,
-                                        conversations_from_trees)
+from paca_lightning.data.collation import IGNORE_INDEX, CausalLMCollator, pack_examples, tokenize_conversation
+from paca_lightning.data.oasst1 import (
+    OASST1DataModule,
+    conversation_from_text,
+    conversations_from_rows,
+    conversations_from_trees,
+)
 from paca_lightning.data.sources import SkipCounter
 from paca_lightning.data.tokenizer import load_tokenizer
 
@@ -79,7 +82,8 @@ def test_language_filter_uses_the_tree_root_language():
         message("a-de", "q-de", "assistant", "Guten Tag", tree="de", lang="de"),
     ]
     skipped = SkipCounter()
-    assert conversations_from_trees(rows, languages=["de"], skipped=skipped) == [[user("Hallo"), assistant("Guten Tag")]]
+    conversations = conversations_from_trees(rows, languages=["de"], skipped=skipped)
+    assert conversations == [[user("Hallo"), assistant("Guten Tag")]]
     assert skipped == {"language filtered out": 1}
 
 
@@ -150,7 +154,8 @@ def test_packing_restarts_positions_and_never_predicts_across_documents():
                 {"input_ids": [6, 7, 8, 9], "labels": [IGNORE_INDEX, 7, 8, 9]}]
     rows = pack_examples(examples, max_length=6)
     assert rows == [
-        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5], "position_ids": [0, 1, 2, 0, 1]},
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5],
+         "position_ids": [0, 1, 2, 0, 1]},
         {"input_ids": [6, 7, 8, 9], "labels": [IGNORE_INDEX, 7, 8, 9], "position_ids": [0, 1, 2, 3]}]
     with pytest.raises(ValueError, match="exceeds max_length"):
         pack_examples([{"input_ids": [1] * 7, "labels": [1] * 7}], max_length=6)

@@ -49,10 +49,11 @@ def test_lightning_fsdp1_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
 # Single-process properties of the delta form (no launch).
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import make_tiny_gpt2, make_tiny_llama, token_batch  # noqa: E402
+
 from paca_lightning import PaCAConfig, apply_paca, paca_layers  # noqa: E402
-from paca_lightning.distributed import PaCAFSDPStrategy, use_delta_form  # noqa: E402
+from paca_lightning.parallel import use_delta_form  # noqa: E402
+from paca_lightning.training import PaCAFSDPStrategy  # noqa: E402
 
 
 def _loss_and_grads(model):

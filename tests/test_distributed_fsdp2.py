@@ -48,7 +48,8 @@ def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_wor
     print(f"FSDP2 per-rank bytes (world size {world}): {memory}; "
           f"FSDP1 for comparison: {results(PLAIN)['fsdp1_memory']}")
     share = memory["trainable_share_bytes_padded"]  # trainable / world, rows padded to even shards
-    assert memory["trainable_param_bytes_global"] / world <= share < 1.01 * memory["trainable_param_bytes_global"] / world
+    global_bytes = memory["trainable_param_bytes_global"]
+    assert global_bytes / world <= share < 1.01 * global_bytes / world
     assert memory["grad_bytes"] == share
     assert memory["optimizer_state_bytes"] == 2 * share  # AdamW: exp_avg and exp_avg_sq
     assert memory["param_bytes_local"] < 0.51 * memory["param_bytes_global"]
@@ -89,10 +90,10 @@ def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
 
 # Single-process checks of the sharding policy's refusals (no launch, no process group).
 import pytest  # noqa: E402
+from conftest import make_tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
-from conftest import make_tiny_llama  # noqa: E402
-from paca_lightning.distributed import decoder_layers, shard_paca_model  # noqa: E402
+from paca_lightning.parallel import decoder_layers, shard_paca_model  # noqa: E402
 
 
 def test_shard_paca_model_refuses_a_model_without_paca():
@@ -131,8 +132,9 @@ def test_lightning_fsdp2_trains_qpaca_and_exports_its_adapter_and_a_dense_merged
 
 def test_the_fsdp2_placement_switches_forward_time_column_writes_off():
     from conftest import make_tiny_gpt2
+
     from paca_lightning import PaCAConfig, apply_paca, paca_layers
-    from paca_lightning.distributed import paca_shard_placement
+    from paca_lightning.parallel import paca_shard_placement
 
     model = apply_paca(make_tiny_gpt2(), PaCAConfig(rank=4))
     placement = paca_shard_placement(model)

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import saved_bytes
 from paca_lightning import PaCALinear
 from paca_lightning.layers import PaCAFunction
 

@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoModelForCausalLM
 
 from paca_lightning import PaCACallback, PaCAConfig, PaCAFineTuneModule, paca_layers
-from paca_lightning.lora import LORA_ADAPTER_DIRNAME, LoRASettings
+from paca_lightning.training.lora import LORA_ADAPTER_DIRNAME, LoRASettings
 from tests.conftest import make_tiny_llama
 from tests.lightning_helpers import loader, quiet_trainer, token_examples
 from tests.test_recipes import RECIPES, printed_path, run_recipe
@@ -136,9 +136,8 @@ def test_invalid_lora_settings_name_the_field(field, value):
 
 
 def test_a_target_that_matches_nothing_is_named_with_the_lora_settings():
-    module = _lora_module(LoRASettings(target_modules=["q_prj"]))
     with pytest.raises(ValueError, match=r"LoRASettings.target_modules entry 'q_prj'.*close matches: \['q_proj'"):
-        module.configure_model()
+        _lora_module(LoRASettings(target_modules=["q_prj"]))  # a model given as a module is adapted at once
 
 
 def test_lora_without_peft_says_how_to_install_it(monkeypatch):

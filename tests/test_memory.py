@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import saved_bytes
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import saved_bytes
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

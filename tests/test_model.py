@@ -2,12 +2,22 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
-from paca_lightning import (PaCAConfig, PaCALinear, apply_paca, disable_paca, merge_paca, paca_layers,
-                            set_paca_auto_sync, sync_paca_columns, trainable_parameters, unload_paca)
+from paca_lightning import (
+    PaCAConfig,
+    PaCALinear,
+    apply_paca,
+    disable_paca,
+    merge_paca,
+    paca_layers,
+    set_paca_auto_sync,
+    sync_paca_columns,
+    trainable_parameters,
+    unload_paca,
+)
 from paca_lightning.selection import random_columns
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -53,7 +63,7 @@ def test_every_layer_gradient_equals_dense_gradient_on_its_columns(family, check
     assert len(layers) == (14 if family == "llama" else 8)
     for name, layer in layers.items():
         torch.testing.assert_close(layer.paca_weight.grad, layer.scaling * expected[name],
-                                   rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+                                   rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def adamw_steps(model, batches, lr=1e-2):
@@ -119,14 +129,14 @@ def test_gradient_accumulation_over_three_micro_batches_equals_one_large_batch()
             (accumulated(**batch).loss / 3).backward()
         for (name, a), (_, b) in zip(paca_layers(large), paca_layers(accumulated)):
             torch.testing.assert_close(b.paca_weight.grad, a.paca_weight.grad, rtol=1e-4, atol=1e-7,
-                                       msg=lambda m: f"{name}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")
         opt_large.step()
         opt_large.zero_grad()
         opt_acc.step()
         opt_acc.zero_grad()
     for (name, a), (_, b) in zip(paca_layers(large), paca_layers(accumulated)):
         torch.testing.assert_close(b.paca_weight, a.paca_weight, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_eval_forward_between_steps_changes_nothing():

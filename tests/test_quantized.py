@@ -11,8 +11,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from paca_lightning import (PaCAConfig, apply_paca, disable_paca, load_adapter, merge_paca, paca_layers,
-                            save_adapter, unload_paca)
+from paca_lightning import (
+    PaCAConfig,
+    apply_paca,
+    disable_paca,
+    load_adapter,
+    merge_paca,
+    paca_layers,
+    save_adapter,
+    unload_paca,
+)
 from paca_lightning.quantized import QuantizedPaCALinear
 
 FOUR_BIT = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
@@ -324,7 +332,8 @@ def test_gradient_checkpointing_under_autocast_recomputes_the_same_gradients():
         assert torch.equal(grad, grads[1][name]), name
 
 
-@pytest.mark.skipif(not bnb_functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+@pytest.mark.skipif(not bnb_functional.has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
 def test_a_base_repacked_by_a_cpu_eval_forward_is_restored_to_the_standard_layout():
     base = nn.Linear(64, 64)
     model = apply_paca(nn.Sequential(base), PaCAConfig(rank=4, target_modules=["0"], quantize="nf4"))
@@ -395,7 +404,7 @@ def test_an_unloaded_8bit_base_computes_as_before_wrapping(checkpoint):
 def test_the_gathering_export_of_a_loaded_4bit_model_writes_a_plain_dense_checkpoint(checkpoint, tmp_path, targets):
     # export_merged is what a multi-process run writes at fit end; here in one process. Layers
     # PaCA did not adapt ("some") are dequantized too.
-    from paca_lightning.distributed import export_merged
+    from paca_lightning.parallel import export_merged
 
     model = apply_paca(load_4bit(checkpoint, "nf4", True), PaCAConfig(rank=8, alpha=16, target_modules=targets))
     perturb_columns(model)

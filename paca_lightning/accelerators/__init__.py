@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _LIGHTNING_MODULE = "lightning.pytorch"
 

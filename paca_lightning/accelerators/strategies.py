@@ -8,7 +8,7 @@
 
 The first two are picked by ``strategy="auto"`` (see ``registration.py``); FSDP2 is asked for by
 name, as ``ModelParallelStrategy`` is on GPUs: the model is sharded in
-``LightningModule.configure_model`` (e.g. ``paca_lightning.distributed.shard_paca_model`` with
+``LightningModule.configure_model`` (e.g. ``paca_lightning.parallel.shard_paca_model`` with
 ``self.device_mesh["data_parallel"]``).
 
 Execution modes. Intel's bridge runs eagerly by default (``PT_HPU_LAZY_MODE=0``) and then
@@ -21,8 +21,9 @@ two of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout

@@ -37,7 +37,7 @@ class ConvergenceOptions:
     dtype: str = "float32"
     lora_rank: int = 8
     equal_budget: bool = True
-    target_modules: "list[str] | str" = "all-linear"
+    target_modules: list[str] | str = "all-linear"
     batch_size: int = 2
     sequence_length: int = 512
     steps: int = 60

@@ -18,8 +18,9 @@ the hidden states: the logits, often the largest activation, are never stored).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class Trainee:
 
 
 def prepare(method: str, model: nn.Module, *, lora_rank: int, paca_rank: int,
-            target_modules: "list[str] | str", learning_rate: float = 1e-4) -> Trainee:
+            target_modules: list[str] | str, learning_rate: float = 1e-4) -> Trainee:
     """Turn ``model`` (modified in place) into a `Trainee` for ``method``."""
     if method == "full":
         model.requires_grad_(True)

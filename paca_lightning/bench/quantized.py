@@ -186,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return _child_main(json.loads(argv[1]))
-    parser = argparse.ArgumentParser(prog="python -m paca_lightning.bench.quantized", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m paca_lightning.bench.quantized",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-50m", help=f"a preset ({', '.join(PRESETS)}) or a local checkpoint")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--lora-rank", type=int, default=8, help="QLoRA rank; PaCA ranks match its parameter count")

@@ -31,7 +31,8 @@ def markdown(report: dict) -> str:
         f"Batch {options['batch_size']} x {options['sequence_length']} tokens; "
         + (f"equal parameter budget: LoRA/DoRA rank {options['lora_rank']}, PaCA rank {options['paca_rank']}"
            if options["equal_budget"] else f"equal rank {options['lora_rank']} for LoRA, DoRA and PaCA")
-        + f"; targets {options['target_modules']}. Step time: median of {options['repeats']} interleaved rounds (order rotated each round) "
+        + f"; targets {options['target_modules']}. Step time: median of {options['repeats']} interleaved rounds "
+        "(order rotated each round) "
         f"after {options['warmup']} warm-up steps (forward, backward, AdamW step). Peak memory: {peak_note}. "
         f"Max sequence length: longest multiple of {options['sequence_granularity']} within "
         f"{report['memory_budget_bytes'] / 2**30:.2f} GiB ({budget_note}).",

@@ -3,10 +3,10 @@
 Timing protocol: after ``warmup`` steps per variant, ``repeats`` rounds each step every variant
 once (A B C D, B C D A, C D A B, ...). A load spike on a shared machine then hits all variants of
 a round instead of one method's whole series, and the per-variant median discards the rounds it
-distorted. The order rotates because position matters: on the 2-core CPU of the README, peft
-LoRA stepped in 0.794 s (median) right after full fine-tuning and in 0.855 s right after the
-floor, in two fixed-order runs minutes apart; rotated, every variant takes every position. Ratios are ratios of those medians; the fastest step of each variant is
-reported beside them, since under heavy shared load (more runnable jobs than cores) even a
+distorted. The order rotates because position matters (a step's time depends on what ran just
+before it, e.g. the caches and allocator state a larger method leaves behind); rotated, every
+variant takes every position. Ratios are ratios of those medians; the fastest step of each
+variant is reported beside them, since under heavy shared load (more runnable jobs than cores) even a
 round is long enough for the load to change within it.
 """
 
@@ -20,8 +20,18 @@ from typing import Optional
 
 import torch
 
-from .measure import (DeviceOps, child_peak_rss, fits_in_budget, longest_sequence, median, optimizer_state_bytes,
-                      parameter_bytes, saved_bytes, step_flops, timed_step)
+from .measure import (
+    DeviceOps,
+    child_peak_rss,
+    fits_in_budget,
+    longest_sequence,
+    median,
+    optimizer_state_bytes,
+    parameter_bytes,
+    saved_bytes,
+    step_flops,
+    timed_step,
+)
 from .methods import LOSSES, METHODS, Variant, check_chunked_loss_applies, loss_function, prepare
 from .models import DTYPES, load_model, random_batch, vocab_size_of
 
@@ -37,7 +47,7 @@ class BenchOptions:
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
     lora_rank: int = 8
     equal_budget: bool = True
-    target_modules: "list[str] | str" = "all-linear"
+    target_modules: list[str] | str = "all-linear"
     batch_size: int = 2
     sequence_length: int = 512
     warmup: int = 2
@@ -168,7 +178,7 @@ def run_benchmark(options: BenchOptions, log=print) -> dict:
         for variant in variants:
             trainee, compute_loss = trainees[variant.method], losses[variant.loss]
 
-            def fits(length: int) -> bool:
+            def fits(length: int, trainee=trainee, compute_loss=compute_loss) -> bool:
                 probe = random_batch(vocab_size, options.batch_size, length, device, seed=options.seed)
                 return fits_in_budget(trainee, compute_loss, probe, ops, budget)
 

@@ -59,7 +59,7 @@ def results(script: str) -> dict:
     return outcome
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _launch(script: str):
     out_dir = Path(tempfile.mkdtemp(prefix=f"paca_{Path(script).stem}_"))
     atexit.register(shutil.rmtree, out_dir, ignore_errors=True)  # checkpoints of every run: tens of MB

@@ -3,7 +3,7 @@
 For each of PaCAModelParallelStrategy (FSDP2; distributed and single-file checkpoints),
 PaCAFSDPStrategy (FSDP1) and DDP, on CPU/gloo: a `PaCAFineTuneModule` on a tiny Llama trains 2
 steps and saves a checkpoint (distributed or one file for FSDP2, sharded for FSDP1, a file for
-DDP; adapter-only, `PaCACallback`'s default); a fresh Trainer resumes
+DDP; adapter-only, `PaCACheckpointing`'s default); a fresh Trainer resumes
 from it to step 4; the callback writes the adapter and merged model at fit end. Each is compared
 with a single process training on the same global batches. Rank 0 writes OUT_DIR/results.json.
 """
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from launch import finish_worker  # this folder: the script's own directory
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launch import finish_worker  # this folder: the script's own directory
 from paca_lightning import PaCAConfig, load_adapter, paca_layers
-from paca_lightning.callback import PaCACallback
-from paca_lightning.distributed import PaCAFSDPStrategy, PaCAModelParallelStrategy, gather_adapter_state
-from paca_lightning.module import PaCAFineTuneModule
+from paca_lightning.parallel import gather_adapter_state
+from paca_lightning.training import PaCAFineTuneModule, PaCAFSDPStrategy, PaCAModelParallelStrategy, paca_callbacks
 
 VOCAB, LENGTH, SAMPLES, STEPS = 128, 12, 4, 4
 CONFIG = PaCAConfig(rank=4, alpha=8, target_modules="all-linear")
@@ -81,7 +80,7 @@ def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 
                       max_steps=max_steps,
                       default_root_dir=str(root), logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[PaCACallback(config, log_throughput=False)])
+                      callbacks=paca_callbacks(config, log_throughput=False))
     # 2 samples per rank, 1 step per epoch: every step sees the same global batch as the reference
     trainer.fit(trained, DataLoader(samples(), batch_size=SAMPLES // 2), ckpt_path=ckpt_path)
     if ckpt_path is None:

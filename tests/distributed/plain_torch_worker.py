@@ -12,15 +12,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from launch import finish_worker  # this folder: the script's own directory
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from launch import finish_worker  # this folder: the script's own directory
-from paca_lightning import (PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync,
-                            sync_paca_columns)
-from paca_lightning.distributed import (attach_column_sync, gather_adapter_state, merged_state_dict,
-                                        replicate_trainable, save_sharded_adapter, shard_paca_model,
-                                        use_delta_form)
+from paca_lightning import PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync, sync_paca_columns
+from paca_lightning.parallel import (
+    attach_column_sync,
+    gather_adapter_state,
+    merged_state_dict,
+    replicate_trainable,
+    save_sharded_adapter,
+    shard_paca_model,
+    use_delta_form,
+)
 
 STEPS, PER_RANK, LENGTH, VOCAB = 3, 2, 12, 128
 
@@ -177,7 +182,7 @@ def main(out: Path) -> None:
             save_sharded_adapter(model, directory)
             if rank == 0:
                 loaded = load_adapter(tiny_llama(), directory)
-                columns = {n: l.paca_weight.detach() for n, l in paca_layers(loaded)}
+                columns = {name: layer.paca_weight.detach() for name, layer in paca_layers(loaded)}
                 results["fsdp2_adapter_file_error"] = max_error(columns, merged_state_dict(loaded), *refs[name])
             results["fsdp2_memory"] = memory_report(model, optimizer, global_batches()[0], tiny_llama)
         control, _ = run_fsdp2(make, sync=False)

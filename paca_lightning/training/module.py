@@ -16,7 +16,7 @@ pretrained values, that would erase pretrained knowledge, so ``weight_decay`` he
 trained columns toward their *pretrained* values instead (decoupled, ``P -= lr * wd * (P - P0)``
 before each optimizer step). It is off by default (``weight_decay=0``), as in the paper.
 
-``method="lora"`` trains a peft LoRA adapter instead (`paca_lightning.lora`), on this same
+``method="lora"`` trains a peft LoRA adapter instead (`paca_lightning.training.lora`), on this same
 training path (loss, optimizer, schedule, logging, data), so a PaCA and a LoRA run differ only
 in the adapter. The paper compares LoRA rank ``r`` with PaCA rank ``2r`` (equal trainable
 parameters).
@@ -33,13 +33,16 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .callback import PaCACallback, adapt_for_training
-from .config import PaCAConfig
-from .data.tokenizer import missing_local_path
-from .layers import DTensor  # () where torch lacks distributed support
-from .loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
+from ..config import PaCAConfig
+from ..data.tokenizer import missing_local_path
+from ..layers import DTensor  # () where torch lacks distributed support
+from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
+from ..model import paca_layers, set_paca_auto_sync
+from .callback import PaCACallback, adapt_for_training, paca_callbacks
+from .guards import NonFiniteLossGuard
 from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
-from .model import paca_layers, set_paca_auto_sync
+from .progress import TrainingProgress
+from .seeding import BatchSeeding
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 # Config attributes of models whose logits are not a plain linear head; the chunked loss computes
@@ -129,7 +132,7 @@ class PaCAFineTuneModule(LightningModule):
             raise ValueError(f"dtype={dtype!r} is not valid; choose 'float32', 'bfloat16', 'float16' or None")
 
         self.model_name = model if isinstance(model, str) else None
-        self.model: Optional[nn.Module] = None if isinstance(model, str) else model
+        self.model: Optional[nn.Module] = None
         self.paca = paca
         self.method, self.lora = method, lora
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
@@ -150,33 +153,33 @@ class PaCAFineTuneModule(LightningModule):
                    "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size, "method": method,
                    "lora": lora.to_dict() if lora is not None else None})
         self.save_hyperparameters(hparams)
+        if isinstance(model, nn.Module):
+            self.model = self._prepare(model)
 
     # ------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the model (when named), apply PaCA (or LoRA), then checkpointing and compilation.
-
-        Runs under the strategy's init contexts and before it wraps the model; repeated calls
-        (``fit`` then ``validate``) leave an adapted model as it is.
-        """
+        """Build the named model and prepare it (`_prepare`); a model given as a module was
+        prepared in ``__init__``. Runs under the strategy's init contexts and before it wraps
+        the model; repeated calls (``fit`` then ``validate``) leave the model as it is."""
         if self.model is None:
-            self.model = self._load_pretrained()
+            self.model = self._prepare(self._load_pretrained())
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        """Apply PaCA (`adapt_for_training`, the one place a model is adapted) or LoRA, then
+        activation checkpointing and compilation."""
         if self.method == "lora":
-            if is_lora_model(self.model):
-                return
-            self.model = apply_lora(self.model, self.lora)
+            model = model if is_lora_model(model) else apply_lora(model, self.lora)
+            transformers_model = model.get_base_model()
         else:
-            already_adapted = next(paca_layers(self.model), None) is not None
-            adapt_for_training(self.model, self.paca)
-            if already_adapted:
-                return
-        model = self._transformers_model()
+            transformers_model = model = adapt_for_training(model, self.paca)
         if self.gradient_checkpointing:
-            _enable_activation_checkpointing(model)
-        if hasattr(getattr(model, "config", None), "use_cache"):
-            model.config.use_cache = False  # a KV cache is useless in training and costs memory
+            _enable_activation_checkpointing(transformers_model)
+        if hasattr(getattr(transformers_model, "config", None), "use_cache"):
+            transformers_model.config.use_cache = False  # a KV cache is useless in training and costs memory
         if self.compile_model:
-            set_paca_auto_sync(self.model, False)
-            self.model.compile()
+            set_paca_auto_sync(model, False)  # the callbacks write the columns after each step instead
+            model.compile()
+        return model
 
     def _load_pretrained(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -198,17 +201,17 @@ class PaCAFineTuneModule(LightningModule):
         return model.get_base_model() if self.method == "lora" else model
 
     def configure_callbacks(self) -> list:
-        has_paca_callback = any(isinstance(callback, PaCACallback) for callback in self.trainer.callbacks)
+        """The callbacks of a PaCA run (`paca_callbacks`), or of a LoRA run, less those of a type
+        the Trainer already has (the user's own settings win)."""
+        present = {type(callback) for callback in self.trainer.callbacks}
         if self.method == "lora":
-            if has_paca_callback:
+            if PaCACallback in present:
                 raise ValueError("PaCAFineTuneModule(method='lora') cannot run with a PaCACallback in the "
                                  "Trainer: it would apply PaCA to the LoRA model. Remove the PaCACallback")
-            if any(isinstance(callback, LoRACallback) for callback in self.trainer.callbacks):
-                return []
-            return [LoRACallback()]
-        if has_paca_callback:
-            return []
-        return [PaCACallback(self.paca)]
+            wanted = [LoRACallback(), BatchSeeding(), NonFiniteLossGuard(), TrainingProgress()]
+        else:
+            wanted = paca_callbacks(self.paca)
+        return [callback for callback in wanted if type(callback) not in present]
 
     @property
     def tokenizer(self) -> Any:
@@ -310,7 +313,7 @@ class PaCAFineTuneModule(LightningModule):
             for _, layer in paca_layers(self._require_model()):
                 columns, pretrained = layer.paca_weight, layer.paca_base_columns
                 if isinstance(columns, DTensor):  # FSDP2: this rank's rows; the buffer is whole
-                    from .distributed import local_rows
+                    from ..layers import local_rows
                     columns, pretrained = columns.to_local(), local_rows(pretrained, columns)
                 pretrained = pretrained.to(columns.dtype) / layer.scaling
                 columns.sub_(columns - pretrained, alpha=learning_rate * self.weight_decay)

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from .callback import MERGED_DIRNAME, BatchSeeding, log_trainable_report
-from .model import _find_targets, _set_submodule, paca_layers
-from .quantized import dense_dtype_of, dequantize_weight, is_quantized_linear, quantize_linear
+from ..model import find_targets, paca_layers, set_submodule
+from ..quantized import dense_dtype_of, dequantize_weight, is_quantized_linear, quantize_linear
+from .callback import log_trainable_report
+from .exports import MERGED_DIRNAME
 
 LORA_ADAPTER_DIRNAME = "lora_adapter"
 _ADAPTER_NAME = "default"  # peft's name of the single adapter get_peft_model creates
@@ -114,11 +115,11 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
     if next(paca_layers(model), None) is not None:
         raise ValueError(f"{type(model).__name__} already carries PaCA layers; method='lora' needs a "
                          "plain (or bitsandbytes-quantized) model")
-    targets = _find_targets(model, settings)
+    targets = find_targets(model, settings)
     if settings.quantize is not None:
         for name, module in targets.items():
             if type(module) is nn.Linear:
-                _set_submodule(model, name, quantize_linear(module, settings.quantize))
+                set_submodule(model, name, quantize_linear(module, settings.quantize))
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=sorted(targets), bias="none", task_type="CAUSAL_LM")
     cuda_devices = sorted({param.device.index or 0 for param in model.parameters() if param.device.type == "cuda"})
@@ -162,20 +163,18 @@ def save_lora_merged(peft_model: nn.Module, directory: Union[str, Path], tokeniz
     return directory
 
 
-class LoRACallback(BatchSeeding):
-    """What `PaCACallback` does for a PaCA run that a LoRA run needs: seeding, report, export.
+class LoRACallback(Callback):
+    """A LoRA run's trainable-parameter report and fit-end exports (`PaCACallback` and
+    `FitEndExport` do these for PaCA).
 
-    Added by `PaCAFineTuneModule.configure_callbacks` when ``method="lora"``. Seeds torch's
-    RNG before every training batch exactly as `PaCACallback` does (``seed_each_batch``), so a
-    LoRA run sees the same data order and dropout seeds as the PaCA run it is compared with
-    (the shuffling of every epoch after the first draws from that RNG). Logs the
-    trainable-parameter report at fit start and, at fit end, writes
-    ``<default_root_dir>/lora_adapter/`` (peft ``save_pretrained``) and
-    ``<default_root_dir>/merged/`` (`save_lora_merged`, with the tokenizer), the layout of the
-    PaCA run with the adapter directory named for what it holds (peft files, loaded with
-    ``PeftModel.from_pretrained``, not `load_adapter`). Sharded strategies are refused at setup:
-    gathering a sharded peft model for export is not implemented, and failing then costs no
-    training time.
+    Added by `PaCAFineTuneModule.configure_callbacks` when ``method="lora"``, beside the
+    `BatchSeeding`, `NonFiniteLossGuard` and `TrainingProgress` a PaCA run has, so a LoRA run
+    sees the same data order and dropout seeds as the PaCA run it is compared with and reports
+    the same figures. At fit end it writes ``<default_root_dir>/lora_adapter/`` (peft
+    ``save_pretrained``, loaded with ``PeftModel.from_pretrained``) and
+    ``<default_root_dir>/merged/`` (`save_lora_merged`, with the tokenizer). Sharded strategies
+    are refused at setup: gathering a sharded peft model for export is not implemented, and
+    failing then costs no training time.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

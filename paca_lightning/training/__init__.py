@@ -1,0 +1,20 @@
+"""PaCA on PyTorch Lightning: the module, the callbacks and the strategies.
+
+Everything here imports Lightning; the PaCA core (`paca_lightning.layers`, `model`, `adapter`, ...)
+and the plain-torch sharding helpers (`paca_lightning.parallel`) do not.
+"""
+
+from .callback import PaCACallback, adapt_for_training, log_trainable_report, paca_callbacks
+from .checkpointing import AtomicCheckpointIO, PaCACheckpointing
+from .exports import ADAPTER_DIRNAME, MERGED_DIRNAME, FitEndExport, save_merged
+from .guards import NonFiniteLossError, NonFiniteLossGuard
+from .lora import LORA_ADAPTER_DIRNAME, LoRACallback, LoRASettings
+from .module import PaCAFineTuneModule
+from .progress import TrainingProgress
+from .seeding import BatchSeeding
+from .strategies import PaCAFSDPStrategy, PaCAModelParallelStrategy
+
+__all__ = ["PaCAFineTuneModule", "PaCACallback", "paca_callbacks", "adapt_for_training", "log_trainable_report",
+           "PaCACheckpointing", "AtomicCheckpointIO", "BatchSeeding", "NonFiniteLossGuard", "NonFiniteLossError",
+           "TrainingProgress", "FitEndExport", "save_merged", "ADAPTER_DIRNAME", "MERGED_DIRNAME", "LoRASettings",
+           "LoRACallback", "LORA_ADAPTER_DIRNAME", "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]

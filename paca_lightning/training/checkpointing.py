@@ -1,0 +1,171 @@
+"""Checkpoints of PaCA runs: adapter-only, verified on load, atomic, exactly resumable.
+
+`PaCACheckpointing` (a callback) keeps only the trainable tensors in Lightning checkpoints, records
+the column indices and verifies them on resume, and repairs one case of Lightning's loop state
+so that a resume is exact. `AtomicCheckpointIO` writes checkpoint files that a crash cannot corrupt.
+
+Lightning's default `TorchCheckpointIO` writes through an fsspec transaction, which moves a
+finished temporary file into place but never ``fsync``s it: after a power loss or a kernel
+panic the renamed file can be empty. `AtomicCheckpointIO` writes the temporary file in the
+target's directory, flushes it to disk, renames it over the target and flushes the directory
+(`paca_lightning.atomic.atomic_write`), so ``last.ckpt`` is at every moment either the previous
+complete checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+
+from ..atomic import atomic_write
+from ..model import paca_layers, sync_paca_columns
+from ..parallel import clean_name
+from .lookup import paca_model_of, prefix_of
+
+_INDICES_SUFFIX = ".paca_indices"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose saves are atomic and durable (temp file, fsync, rename).
+
+    `PaCACheckpointing` installs it in place of Lightning's default checkpoint IO; pass it yourself
+    with ``Trainer(plugins=[AtomicCheckpointIO()])`` when you do not use the callback.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not accept storage_options "
+                            f"(got {storage_options!r}); it writes local files only")
+        atomic_torch_save(checkpoint, path)
+
+
+def atomic_torch_save(obj: Any, path) -> None:
+    """``torch.save(obj, path)`` such that ``path`` is never left partially written."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+class PaCACheckpointing(Callback):
+    """Lightning checkpoints for a PaCA run: small, checked, atomic and exactly resumable.
+
+    - ``on_save_checkpoint``: records the config and every layer's column indices under a
+      ``"paca"`` entry; with ``adapter_only`` the state dict keeps only the trainable tensors
+      (megabytes instead of the whole model: the frozen base is reloaded from its source on
+      resume; the base of a 70B model is 140 GB, its adapter a few hundred MB).
+    - ``on_load_checkpoint``: refuses a checkpoint whose columns differ from this run's or whose
+      tensors do not fit the module, writes the restored columns into the weights, and repairs
+      Lightning's loop state for a checkpoint taken at an epoch's last batch (see
+      `_resume_finished_epoch_at_next_epoch`).
+    - ``setup``: with ``adapter_only``, sets the module's ``strict_loading`` to False (Lightning's
+      switch for partial state dicts; the keys are checked here instead); with ``atomic``,
+      replaces Lightning's default checkpoint IO by `AtomicCheckpointIO`.
+    - ``on_train_start``: warns when the training data loader cannot record its position
+      (a resume would then repeat or skip batches).
+
+    Args:
+        adapter_only: keep only the trainable tensors in checkpoints.
+        atomic: write checkpoint files atomically and durably.
+    """
+
+    def __init__(self, adapter_only: bool = True, atomic: bool = True) -> None:
+        self.adapter_only = adapter_only
+        self.atomic = atomic
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.atomic and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.adapter_only:
+            pl_module.strict_loading = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.checkpoint_callbacks:
+            _warn_if_resume_cannot_be_exact(trainer.train_dataloader)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        model = paca_model_of(pl_module)
+        prefix = prefix_of(pl_module, model)
+        checkpoint["paca"] = {
+            "config": model.paca_config.to_dict(),
+            "indices": {prefix + name + _INDICES_SUFFIX: layer.paca_indices.detach().cpu().clone()
+                        for name, layer in paca_layers(model)},
+        }
+        if not self.adapter_only:
+            return
+        keep = set(_trainable_keys(pl_module))
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keep}
+        checkpoint["paca"]["adapter_only"] = True
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint belongs to this model (after Lightning has loaded it)."""
+        model = paca_model_of(pl_module)
+        saved = checkpoint.get("paca")
+        if saved is None:
+            raise ValueError("this checkpoint has no 'paca' entry: it was not written by a run with "
+                             "PaCACheckpointing, so it cannot restore PaCA columns")
+        prefix = prefix_of(pl_module, model)
+        for name, layer in paca_layers(model):
+            indices = saved["indices"].get(prefix + name + _INDICES_SUFFIX)
+            if indices is None or not torch.equal(indices.to(layer.paca_indices.device), layer.paca_indices):
+                raise ValueError(f"checkpoint columns of {name!r} differ from the columns this run selected "
+                                 f"({'absent' if indices is None else 'different indices'}); resume with the "
+                                 f"PaCAConfig of the checkpoint: {saved['config']}")
+        if saved.get("adapter_only"):
+            state, module_keys = checkpoint["state_dict"], set(pl_module.state_dict())
+            missing = sorted(set(_trainable_keys(pl_module)) - set(state))
+            unexpected = sorted(set(state) - module_keys)
+            if missing or unexpected:
+                raise ValueError(f"adapter-only checkpoint does not fit {type(pl_module).__name__}: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+        sync_paca_columns(model)
+        _resume_finished_epoch_at_next_epoch(trainer, checkpoint)
+
+
+def _trainable_keys(pl_module: LightningModule) -> list[str]:
+    # FSDP1 inserts wrapper names that state dicts omit
+    return [clean_name(name) for name, param in pl_module.named_parameters() if param.requires_grad]
+
+
+def _resume_finished_epoch_at_next_epoch(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint taken at an epoch's last batch resume exactly at the next epoch's start.
+
+    Lightning 2.6 counts such a checkpoint's epoch as unfinished and, on resume, runs an empty
+    extra epoch: every later epoch number is one too high, and a `StatefulDataLoader` restored
+    at the end of its pass spends that empty epoch on it. The callback's ``on_load_checkpoint``
+    runs before Lightning restores the loops, so the loop state is rewritten to "epoch done"
+    (Lightning's own epoch loop already resets the batch counters of a full epoch) and the data
+    loader's iterator is marked finished, so its next pass starts from the restored sampler
+    state. Proven for iteration-based runs (``max_steps``), the usual way to fine-tune; for
+    ``max_epochs`` runs Lightning does not reload data-loader state from an epoch it considers
+    finished, so such a resume replays the epoch's data and the callback says so.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop or not fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        return
+    if trainer.max_steps == -1:
+        rank_zero_warn("PaCACheckpointing: this checkpoint was saved at the last batch of an epoch; Lightning "
+                       "resumes it inexactly in epoch-based runs (the epoch's data order is replayed). Set "
+                       "Trainer(max_steps=...) for an exact resume, or resume from an earlier checkpoint")
+        return
+    fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
+    for scope in fit_loop["epoch_progress"].values():
+        for counter in ("ready", "processed", "completed"):
+            scope[counter] = scope["started"]
+    for loader_state in fit_loop.get("state_dict", {}).get("combined_loader", []):
+        if isinstance(loader_state, dict) and "_iterator_finished" in loader_state:
+            loader_state["_iterator_finished"] = True
+
+
+def _warn_if_resume_cannot_be_exact(train_dataloaders: Any) -> None:
+    """Name the data loaders whose position a checkpoint cannot restore exactly."""
+    for loader in CombinedLoader(train_dataloaders).flattened:
+        if not callable(getattr(loader, "state_dict", None)):
+            rank_zero_warn(f"PaCACheckpointing: the training {type(loader).__name__} has no state_dict, so a "
+                           "checkpoint does not record the data position and resuming mid-epoch repeats or "
+                           "skips batches. Use torchdata.stateful_dataloader.StatefulDataLoader")
+        elif getattr(loader, "generator", None) is not None:
+            rank_zero_warn("PaCACheckpointing: the training StatefulDataLoader was given generator=...; its "
+                           "shuffling after a resume then differs from the uninterrupted run's from the next "
+                           "epoch on. Leave generator unset (seed with seed_everything) for an exact resume")
