@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import platform
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

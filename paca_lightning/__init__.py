@@ -12,12 +12,11 @@ imported from `paca_lightning.training` on first use, and ``accelerator="hpu"`` 
 Lightning when Lightning itself is imported (`paca_lightning.accelerators`).
 """
 
-__version__ = "0.1.0"
-
 import importlib
 from typing import Any
 
 from . import accelerators  # noqa: F401  registers accelerator="hpu" with Lightning once Lightning is imported
+from ._version import __version__ as __version__
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .layers import PaCAFunction, PaCALayer, PaCALinear

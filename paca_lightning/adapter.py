@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_write
 from .config import PaCAConfig
 from .layers import in_features_of, is_conv1d, out_features_of

@@ -6,8 +6,9 @@ is scored against ``labels[..., t + 1]``, the last position predicts nothing. To
 is ``ignore_index`` (prompt, padding) are not scored; the loss is the mean over scored tokens.
 
 Why a chunked variant: a causal LM's logits are (tokens x vocab). At a 128k vocabulary and 8k
-tokens that is 4 GiB in fp32, saved for backward, typically more than all of the model's other
-activations together (on the LLaMA-shaped CPU baseline of DESIGN.md half of all saved bytes).
+tokens that is 4 GiB in fp32, saved for backward; at small hidden sizes and large vocabularies it
+is a large share of all saved activations (`paca-lightning bench` reports saved bytes with the
+dense and the chunked loss side by side).
 `chunked_causal_lm_loss` takes the hidden states *before* the output head and computes the
 logits ``chunk_size`` tokens at a time::
 

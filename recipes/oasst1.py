@@ -7,9 +7,9 @@
 
 The defaults below are the offline demo: the tiny LLaMA-architecture model in the package
 assets (pretrained by ``scripts/pretrain_tiny_base.py`` on Python's own documentation), its
-byte-level tokenizer, and the OASST1-schema sample written for this project. It runs on CPU in
-well under a minute (about 15 s on 2 cores) and ends by printing the loss, tokens/s, a sample reply and the paths of the
-adapter, the merged model and the loss curve.
+byte-level tokenizer, and the OASST1-schema sample written for this project. It runs on a CPU in
+well under a minute (docs/recipes.md gives measured times) and ends by printing the loss,
+tokens/s, a sample reply and the paths of the adapter, the merged model and the loss curve.
 """
 
 from recipe_cli import run_recipe
@@ -19,7 +19,7 @@ from paca_lightning.data.oasst1 import OASST1DataModule
 
 DEMO_DEFAULTS = {
     # The demo's matrices are 128 wide: a second thread gains nothing, and OpenMP threads that
-    # spin-wait for a busy core slow a shared machine's run tenfold (measured here: 2 s -> 0.2 s a step).
+    # spin-wait for a busy core slow a run on a shared machine many times over.
     "cpu_threads": 1,
     "model.model": str(TINY_LLAMA_DIR),
     "model.paca": {"rank": 32, "alpha": 64, "target_modules": "all-linear", "seed": 0},

@@ -19,14 +19,20 @@ Two things are needed; `register_hpu` does both, once per process:
      another accelerator, naming the valid choices;
    - ``_check_and_init_precision``: `hpu_precision_plugin`, unless a precision plugin was given.
 
-These are private Lightning methods: ``pyproject.toml`` pins ``lightning<2.7`` and
-``tests/test_accelerators_hpu.py`` exercises every wrapper through a real ``Trainer``.
+These are private Lightning methods, so they are wrapped only on the Lightning versions whose
+connector was read and tested (`CONNECTOR_VERSIONS`; ``pyproject.toml`` pins ``lightning<2.7``
+and the HPU tests exercise every wrapper through a real ``Trainer``). On any other version the
+names are still registered, nothing is wrapped, and a warning says to pass the HPU strategy and
+precision plugin explicitly. The wrappers act only when the accelerator is an HPU or an HPU
+strategy is named; every other ``Trainer`` goes through Lightning's own code unchanged.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import lightning
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
@@ -34,6 +40,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .hpu import HPUAccelerator, hpu_precision_plugin
 from .strategies import HPUDDPStrategy, HPUFSDPStrategy, SingleHPUStrategy
+
+# Lightning versions whose private _AcceleratorConnector methods the wrappers below were written for.
+CONNECTOR_VERSIONS = ("2.6.",)
+_WRAPPED_METHODS = ("_choose_auto_accelerator", "_choose_strategy", "_check_strategy_and_fallback",
+                    "_check_and_init_precision")
 
 HPU_STRATEGIES = (SingleHPUStrategy, HPUDDPStrategy, HPUFSDPStrategy)
 HPU_STRATEGY_NAMES = tuple(strategy.strategy_name for strategy in HPU_STRATEGIES)
@@ -82,6 +93,14 @@ def _describe(strategy: Any) -> str:
 def _extend_connector() -> None:
     connector = _AcceleratorConnector
     if getattr(connector, "_paca_hpu_support", False):
+        return
+    if not lightning.__version__.startswith(CONNECTOR_VERSIONS) or \
+            not all(hasattr(connector, name) for name in _WRAPPED_METHODS):
+        warnings.warn(f"paca_lightning supports accelerator='hpu' with strategy='auto' and HPU precision "
+                      f"plugins on lightning {' / '.join(v + 'x' for v in CONNECTOR_VERSIONS)}, not on the "
+                      f"installed lightning {lightning.__version__}. Pass the strategy (SingleHPUStrategy(), "
+                      "'hpu_ddp' or 'hpu_fsdp') and plugins=[hpu_precision_plugin(...)] to the Trainer yourself, "
+                      "or install lightning 2.6", stacklevel=2)
         return
     choose_auto_accelerator = connector._choose_auto_accelerator
     choose_strategy = connector._choose_strategy

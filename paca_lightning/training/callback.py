@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -40,6 +41,7 @@ from .guards import NonFiniteLossGuard
 from .lookup import find_transformers_model
 from .progress import TrainingProgress
 from .seeding import BatchSeeding
+from .strategies import PaCAFSDPStrategy
 
 
 def adapt_for_training(model: nn.Module, config: PaCAConfig, calibration: Optional[Calibration] = None) -> nn.Module:
@@ -65,6 +67,16 @@ def check_same_config(model: nn.Module, config: PaCAConfig) -> None:
     if existing is not None and existing != config:
         raise ValueError(f"{type(model).__name__} already carries PaCA with {existing}, which differs "
                          f"from the requested {config}; use one PaCAConfig for the module and the callback")
+
+
+def refuse_plain_fsdp1(strategy: Any) -> None:
+    """Lightning's own FSDP1 strategy flattens weights into shards that PaCA's column writes cannot
+    reach, so the trained columns would silently go stale: refuse it, naming what works."""
+    if isinstance(strategy, FSDPStrategy) and not isinstance(strategy, PaCAFSDPStrategy):
+        raise ValueError(f"strategy {type(strategy).__name__} (strategy='fsdp', FSDP1) cannot keep PaCA's trained "
+                         "columns in its flattened weight shards. Use FSDP2: "
+                         "strategy=paca_lightning.training.PaCAModelParallelStrategy(), or "
+                         "FSDP1 with PaCA's delta form: paca_lightning.training.PaCAFSDPStrategy(), or 'ddp'")
 
 
 def _is_sharded(param: torch.Tensor) -> bool:
@@ -102,6 +114,7 @@ class PaCACallback(Callback):
         return f"PaCACallback[rank={self.config.rank},seed={self.config.seed}]"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_plain_fsdp1(trainer.strategy)
         builds_later = is_overridden("configure_model", pl_module)
         model = find_transformers_model(pl_module, self.model_attribute, required=not builds_later)
         if model is not None:  # None: configure_model builds (and adapts) it
