@@ -6,9 +6,13 @@ import importlib
 import sys
 from typing import Optional
 
-# subcommand -> (module with a main(argv) function, one-line help)
+# subcommand -> ("module:function" taking the remaining arguments, one-line help)
 SUBCOMMANDS = {
-    "bench": ("paca_lightning.bench", "measure PaCA against LoRA, DoRA, full fine-tuning and the floor"),
+    "run": ("paca_lightning.launcher:run_main",
+            "run a recipe or script, on one or many processes (as `lightning run`)"),
+    "doctor": ("paca_lightning.doctor:main",
+               "check the installation: versions, devices, QPaCA, the `lightning` command"),
+    "bench": ("paca_lightning.bench:main", "measure PaCA against LoRA, DoRA, full fine-tuning and the floor"),
 }
 
 
@@ -22,8 +26,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         print(usage)
         return 0
-    module_name, _ = SUBCOMMANDS[argv[0]]
-    return importlib.import_module(module_name).main(argv[1:]) or 0
+    module_name, _, function = SUBCOMMANDS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module_name), function)(argv[1:]) or 0
 
 
 if __name__ == "__main__":

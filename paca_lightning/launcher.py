@@ -139,5 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def run_main(argv: Optional[list[str]] = None) -> int:
+    """``paca-lightning run ...``: the same launcher under a name no other package installs."""
+    return main(["run", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -323,12 +323,22 @@ class TrainableReport(NamedTuple):
 def trainable_parameters(model: nn.Module) -> TrainableReport:
     """Counts like peft's ``print_trainable_parameters``; ``str()`` gives its one-line report.
 
-    ``all params`` counts every parameter once, the trainable columns included.
+    ``all params`` is the model's own parameter count, as before PaCA: the trained columns
+    (``paca_weight``) are values of a weight that is counted already, so they count as trainable
+    and not a second time in the total. Quantized weights count their values, not their bytes.
     """
+    paca_weights = set()
+    weight_values = {}
+    for _, layer in paca_layers(model):
+        paca_weights.add(id(layer.paca_weight))
+        weight_values[id(layer.weight)] = layer.in_features * layer.out_features  # packed bytes or dense
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
-        if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
+        if id(param) in paca_weights:
+            trainable += param.numel() if param.requires_grad else 0
+            continue
+        count = weight_values.get(id(param), param.numel())
+        if id(param) not in weight_values and (hasattr(param, "quant_state") or type(param).__name__ == "Params4bit"):
             count *= 2  # bitsandbytes packs two 4-bit values per stored byte
         total += count
         trainable += count if param.requires_grad else 0

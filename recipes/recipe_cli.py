@@ -11,7 +11,11 @@ merged model, the loss curve and the checkpoints were written.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -19,14 +23,18 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import transformers
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from paca_lightning import PaCAConfig
 from paca_lightning.training import (
     ADAPTER_DIRNAME,
     LORA_ADAPTER_DIRNAME,
     MERGED_DIRNAME,
     PaCAFineTuneModule,
+    StepProgressBar,
     TrainingProgress,
 )
 
@@ -35,25 +43,94 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 # Lightning compares log_every_n_steps with the batches of one epoch; recipes run max_steps over
 # many short epochs and log by global step, so every interval is logged anyway.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+# Lightning 2.6 calls its own deprecated pytree API on every run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning prints a tip recommending a cloud product on every run; it is not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+# transformers draws a bar for every load and save of a tiny model; the run's own progress is what matters
+transformers.utils.logging.disable_progress_bar()
 
 
 # What bad input raises (options, files, offline hub names, missing packages): the message already
 # names the value and the fix, so the user sees it without the traceback around it.
 INPUT_ERRORS = (ValueError, OSError, ConnectionError, ImportError)
 TRACEBACK_VARIABLE = "PACA_LIGHTNING_TRACEBACK"
+BAD_INPUT_EXIT_STATUS = 2  # as argparse uses for usage errors: every kind of bad input ends alike
+# What a recipe run writes into its folder; a second run there would mix its outputs with these.
+RUN_OUTPUTS = (ADAPTER_DIRNAME, LORA_ADAPTER_DIRNAME, MERGED_DIRNAME, "loss_curve.png", "checkpoints")
 
 
 def run_recipe(datamodule_class: type, defaults: dict[str, Any], args: Optional[list[str]] = None,
                extra_callbacks: Optional[dict[str, type]] = None) -> None:
-    """Parse, train and report; bad input ends the process with its message, not a traceback
-    (set ``PACA_LIGHTNING_TRACEBACK=1`` for the traceback)."""
+    """Parse, train and report; bad input ends the process with its message and exit status 2, not
+    a traceback (set ``PACA_LIGHTNING_TRACEBACK=1`` for the traceback)."""
+    recipe = Path(sys.argv[0]).name
     try:
         RecipeCLI(datamodule_class, defaults, extra_callbacks, args=args).fit()
+    except RecipeArgumentError as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"{recipe}: error: {error}\n(python recipes/{recipe} --help lists every option)", file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_STATUS)
     except INPUT_ERRORS as error:
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {type(error).__name__}: {error}\n"
-                 f"({TRACEBACK_VARIABLE}=1 shows the traceback)")
+        print(f"{recipe}: error: {type(error).__name__}: {error}\n({TRACEBACK_VARIABLE}=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_STATUS)
+
+
+def describe_argument_error(message: str, options: list[str]) -> str:
+    """jsonargparse's message cut to the part that matters, with the closest option names.
+
+    An unknown option gets "did you mean"; a bad value inside a nested option (``--model.paca.rank``)
+    is reported under its full name with the innermost reason, not the union of every type tried.
+    """
+    unknown = re.match(r"unrecognized arguments: (.*)", message.strip(), flags=re.S)
+    if unknown:
+        parts = []
+        for given in unknown.group(1).split():
+            name = given.split("=", 1)[0]
+            close = difflib.get_close_matches(name, options, n=3, cutoff=0.75) if name.startswith("--") else []
+            parts.append(f"unknown option {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                         if name.startswith("--") else f"unexpected argument {given!r}")
+        return "\n".join(parts)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    nested = re.search(r"Option '([^']+)' is not accepted", message)
+    parent = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    if nested and parent:  # --model.paca.rnk: a field the config class does not have
+        name = f"--{parent.group(1)}.{nested.group(1)}"
+        close = difflib.get_close_matches(name, options, n=3, cutoff=0.75)
+        return f"unknown option {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    keys = []
+    for line in lines:
+        key = re.match(r'Parser key "([^"]+)"', line)
+        if key and key.group(1) not in keys and not any(k.endswith("." + key.group(1)) for k in keys):
+            keys.append(key.group(1))
+    reasons = [line for line in lines if "PaCAConfig." in line or "LoRASettings." in line]
+    reasons = reasons or [line for line in lines if line.startswith(("Expected", "- Expected")) or "Got value" in line]
+    reasons = reasons or [line for line in lines if not line.startswith(("Parser key", "Does not validate"))]
+    reason = (reasons or lines or [message])[0].lstrip("- ")
+    return f"--{'.'.join(keys)}: {reason}" if keys else reason
+
+
+class RecipeArgumentError(ValueError):
+    """A command-line or config option the recipe cannot take; the message names it and why."""
+
+
+def _option_names(parser) -> list[str]:
+    """Every option a recipe's parser accepts, for "did you mean"."""
+    names = [option for action in parser._actions for option in action.option_strings]
+    names += [f"--model.paca.{field}" for field in PaCAConfig.__dataclass_fields__]
+    return [name for name in names if name.startswith("--")]
 
 
 class RecipeReport(L.Callback):
@@ -76,13 +153,22 @@ class RecipeReport(L.Callback):
         self.samples: dict[str, str] = {}
         self.progress: Optional[TrainingProgress] = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed, so a resumed run reports and plots the whole run, not only its tail."""
+        return {"losses": self.losses, "samples": self.samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = [(int(step), float(loss)) for step, loss in state_dict["losses"]]
+        self.samples = dict(state_dict["samples"])
+
     def _sample(self, pl_module: L.LightningModule, when: str) -> None:
         if self.sample_prompt and hasattr(pl_module, "generate") and pl_module.trainer.is_global_zero:
             self.samples[when] = pl_module.generate(self.sample_prompt, self.max_new_tokens, chat=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.progress = next((c for c in trainer.callbacks if isinstance(c, TrainingProgress)), None)
-        self._sample(pl_module, "before")
+        if "before" not in self.samples:  # a resumed run keeps the reply of the model before any training
+            self._sample(pl_module, "before")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -146,10 +232,29 @@ class RecipeCLI(LightningCLI):
                  extra_callbacks: Optional[dict[str, type]] = None, args: Optional[list[str]] = None):
         self.recipe_defaults = defaults
         self.extra_callbacks = extra_callbacks or {}
+        # The module configures its own optimizer and schedule (--model.learning_rate, ...), so
+        # LightningCLI's --optimizer/--lr_scheduler would be options that do nothing.
         super().__init__(PaCAFineTuneModule, datamodule_class, args=args, save_config_kwargs={"overwrite": True},
-                         run=False)
+                         run=False, auto_configure_optimizers=False,
+                         parser_kwargs={"allow_abbrev": False, "exit_on_error": False})
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            raise RecipeArgumentError(describe_argument_error(str(error), _option_names(parser))) from error
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # a config class refused a value (PaCAConfig.rank=0, ...)
+            if "Does not validate against any of the Union subtypes" not in str(error):
+                raise
+            raise RecipeArgumentError(describe_argument_error(str(error), [])) from error
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, StepProgressBar()]  # one bar over the run's steps, not per epoch
         if config.get("enable_checkpointing") is False:
             # --trainer.enable_checkpointing=false: drop the recipe's --checkpoint.* callback, which
             # Lightning would otherwise refuse beside that setting.
@@ -162,6 +267,7 @@ class RecipeCLI(LightningCLI):
 
     def fit(self) -> L.Trainer:
         """Train with the parsed configuration (resuming from ``--ckpt_path``), then print the report."""
+        self._claim_run_folder()
         checkpoint = self.trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath is None:
             # One folder per run directory, not per logger version: --ckpt_path last finds the
@@ -177,6 +283,9 @@ class RecipeCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="resume from this checkpoint; 'last' = the newest last.ckpt of this run's "
                                  "checkpoint folder (written every --checkpoint.every_n_train_steps)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="start afresh in a --trainer.default_root_dir that holds a previous run's "
+                                 f"outputs ({', '.join(RUN_OUTPUTS)}), deleting them first")
         parser.link_arguments("model.model", "data.tokenizer")
         # One checkpoint callback, configurable as --checkpoint.*: a last.ckpt every N optimizer
         # steps, so a killed run resumes with --ckpt_path last (Lightning's default saves per epoch).
@@ -215,6 +324,26 @@ class RecipeCLI(LightningCLI):
         lines += [f"{label + ':':<14}{path}" for label, path in outputs]
         lines.append("=" * 72)
         print("\n".join(lines), flush=True)
+
+    def _claim_run_folder(self) -> None:
+        """Refuse to mix a new run's outputs with a previous run's in one folder, unless told.
+
+        ``--ckpt_path`` continues the previous run (its outputs are replaced by the continued
+        run's at the end); ``--overwrite=true`` deletes them now. Only rank 0 deletes.
+        """
+        root = Path(self.trainer.default_root_dir)
+        found = [name for name in RUN_OUTPUTS if (root / name).exists()]
+        if not found or self.config.ckpt_path:
+            return
+        if not self.config.overwrite:
+            raise ValueError(f"{root} holds the outputs of a previous run ({', '.join(found)}). Continue that run "
+                             "with --ckpt_path last, write this one elsewhere with "
+                             f"--trainer.default_root_dir={root}-2, or replace it with --overwrite=true")
+        if self.trainer.is_global_zero:
+            for name in found:
+                path = root / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.trainer.strategy.barrier("paca_recipe_overwrite")
 
     def _report_callback(self) -> RecipeReport:
         return next(c for c in self.trainer.callbacks if isinstance(c, RecipeReport))

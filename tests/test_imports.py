@@ -18,7 +18,7 @@ LAYERS = [
     ["parallel"],
     ["accelerators", "data"],
     ["training"],
-    ["bench", "cli", "launcher"],
+    ["bench", "cli", "doctor", "launcher"],
 ]
 CORE = ["paca_lightning.layers", "paca_lightning.config", "paca_lightning.model", "paca_lightning.adapter",
         "paca_lightning.quantized", "paca_lightning.selection", "paca_lightning.loss"]
@@ -73,7 +73,7 @@ def test_every_module_imports_only_its_own_layer_or_lower_ones():
 def test_no_module_below_the_top_imports_the_package_facade():
     importers = [module for module, targets in import_graph().items()
                  if "paca_lightning" in targets and module.count(".") and not module.startswith("paca_lightning.bench")
-                 and module not in ("paca_lightning.cli", "paca_lightning.launcher")]
+                 and module not in ("paca_lightning.cli", "paca_lightning.doctor", "paca_lightning.launcher")]
     assert not importers, importers
 
 

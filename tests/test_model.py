@@ -193,12 +193,14 @@ def test_only_paca_columns_train_unless_bias_all():
     assert "transformer.h.0.ln_1.weight" not in trainable
 
 
-def test_trainable_report_counts_like_peft():
-    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4))
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_trainable_report_counts_like_peft_with_the_models_own_parameter_count(quantize):
+    own_count = sum(p.numel() for p in make_tiny_llama().parameters())
+    model = apply_paca(make_tiny_llama(), PaCAConfig(rank=4, quantize=quantize))
     report = trainable_parameters(model)
     expected_trainable = sum(layer.out_features * 4 for _, layer in paca_layers(model))
     assert report.trainable == expected_trainable
-    assert report.total == sum(p.numel() for p in model.parameters())
+    assert report.total == own_count  # the trained columns live in weights counted already
     assert str(report) == (f"trainable params: {expected_trainable:,d} || all params: {report.total:,d} "
                            f"|| trainable%: {100 * expected_trainable / report.total:.4f}")
 

@@ -10,11 +10,11 @@ from .exports import ADAPTER_DIRNAME, MERGED_DIRNAME, FitEndExport, save_merged
 from .guards import NonFiniteLossError, NonFiniteLossGuard
 from .lora import LORA_ADAPTER_DIRNAME, LoRACallback, LoRASettings
 from .module import PaCAFineTuneModule
-from .progress import TrainingProgress
+from .progress import StepProgressBar, TrainingProgress
 from .seeding import BatchSeeding
 from .strategies import PaCAFSDPStrategy, PaCAModelParallelStrategy
 
 __all__ = ["PaCAFineTuneModule", "PaCACallback", "paca_callbacks", "adapt_for_training", "log_trainable_report",
            "PaCACheckpointing", "AtomicCheckpointIO", "BatchSeeding", "NonFiniteLossGuard", "NonFiniteLossError",
-           "TrainingProgress", "FitEndExport", "save_merged", "ADAPTER_DIRNAME", "MERGED_DIRNAME", "LoRASettings",
-           "LoRACallback", "LORA_ADAPTER_DIRNAME", "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]
+           "TrainingProgress", "StepProgressBar", "FitEndExport", "save_merged", "ADAPTER_DIRNAME", "MERGED_DIRNAME",
+           "LoRASettings", "LoRACallback", "LORA_ADAPTER_DIRNAME", "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]

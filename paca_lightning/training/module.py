@@ -284,7 +284,9 @@ class PaCAFineTuneModule(LightningModule):
         if self.val_loss.update_count == 0:
             return
         loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        # MeanMetric already reduced over ranks, so every rank holds the same value: sync_dist only
+        # averages equal numbers (and tells Lightning the epoch value is global, which it warns about otherwise)
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=True)
         self.val_loss.reset()
 
     # -------------------------------------------------------------------------- optimizer

@@ -1,4 +1,5 @@
-"""`TrainingProgress`: throughput, peak memory and progress lines, measured in one place.
+"""Progress of a training run: `TrainingProgress` (throughput, peak memory and plain progress
+lines, measured in one place) and `StepProgressBar` (a terminal bar over the run's steps).
 
 CUDA and Gaudi queue work and return to Python at once, so the clock is read only after waiting
 for the device (`synchronize_device`), and only at the ends of a logging window so the queue
@@ -16,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ..accelerators.reporting import synchronize_device
 
@@ -83,7 +85,10 @@ class TrainingProgress(Callback):
                    "train/samples_per_s": self._window_samples / seconds,
                    "train/peak_memory_gb": peak_memory_bytes(pl_module.device) / 2**30}
         if self.log_throughput:
-            pl_module.log_dict(figures, on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log("train/tokens_per_s", figures["train/tokens_per_s"], prog_bar=True, on_step=True,
+                          on_epoch=False, sync_dist=False)
+            pl_module.log_dict({key: value for key, value in figures.items() if key != "train/tokens_per_s"},
+                               on_step=True, on_epoch=False, sync_dist=False)
         if trainer.is_global_zero and (not sys.stdout.isatty() if self.progress_lines is None
                                        else self.progress_lines):
             steps_per_second = (step - self._last_logged_step) / seconds
@@ -107,6 +112,45 @@ class TrainingProgress(Callback):
 
     def _start_window(self, now: float) -> None:
         self._window_start, self._window_tokens, self._window_samples, self._paused = now, 0, 0, 0.0
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counting optimizer steps over the whole run instead of the batches of
+    each epoch: ``Training 40/120 [00:05<00:10, loss=1.23, train/tokens_per_s=1.05e+04]``.
+
+    Fine-tuning runs are step-based (``max_steps``), often over many short epochs, where the
+    default bar restarts every epoch and shows no overall position or ETA. A resumed run starts
+    at its global step. When standard output is not a terminal the bar turns itself off: there
+    `TrainingProgress` prints plain lines instead, and a bar would only fill logs with frames.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not sys.stdout.isatty():
+            self.disable()
+        super().on_train_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches
+        self.train_progress_bar.reset(total=None if total == float("inf") else int(total))
+        self.train_progress_bar.n = self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.set_description("Training")
+
+    def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
+        """One bar for the whole run: nothing restarts at an epoch boundary."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.n != step and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number says nothing about training
+        return metrics
 
 
 def progress_line(trainer: Trainer, outputs: Any, figures: dict[str, float], steps_per_second: float,
