@@ -43,8 +43,12 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 # Lightning compares log_every_n_steps with the batches of one epoch; recipes run max_steps over
 # many short epochs and log by global step, so every interval is logged anyway.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
-# Lightning 2.6 calls its own deprecated pytree API on every run
+# Lightning 2.6 calls its own deprecated pytree API on every run, peft a deprecated transformers one
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
+# bitsandbytes tries to fetch an optional fused CPU kernel from the hub when imported and warns when
+# it cannot; QPaCA does not use that kernel
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class _DropAdvertisements(logging.Filter):

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "1 GiB on cpu)")
     parser.add_argument("--sequence-granularity", type=int, default=64,
                         help="the search reports multiples of this (default 64)")
-    parser.add_argument("--sequence-limit", type=int, default=65536, help="longest sequence tried")
+    parser.add_argument("--sequence-limit", type=int, default=None,
+                        help="longest sequence tried (default: 8 x --sequence-length; every probe near the limit "
+                             "is a full training step at that length)")
     parser.add_argument("--quantized", choices=("auto", "on", "off"), default="auto",
                         help="QLoRA vs QPaCA (needs bitsandbytes; auto: when it imports)")
     parser.add_argument("--seed", type=int, default=0)
@@ -109,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sequence_length=args.sequence_length, warmup=args.warmup, repeats=args.repeats,
         chunk_size=args.chunk_size, peak_memory=not args.no_peak_memory, max_sequence=not args.no_max_sequence,
         memory_budget_gib=args.memory_budget_gib, sequence_granularity=args.sequence_granularity,
-        sequence_limit=args.sequence_limit, seed=args.seed)
+        sequence_limit=args.sequence_limit or 8 * args.sequence_length, seed=args.seed)
     try:
         options.check()
     except ValueError as error:

@@ -3,7 +3,7 @@
 Presets are built from a config with a fixed seed, so the parent process and the child processes
 that measure peak memory build bit-identical weights without downloading anything:
 
-- ``tiny``: 2 layers, hidden 64; for tests and smoke runs (seconds on a CPU).
+- ``tiny``: 2 layers, hidden 64; for tests and smoke runs.
 - ``llama-50m``: the LLaMA-shaped model of the project's baseline measurements (hidden 512, intermediate 1376,
   4 layers, 8 heads, vocabulary 32000): big enough that the matmuls, not Python, dominate a CPU step.
 - ``llama-1b``: the shape of LLaMA-3.2-1B (hidden 2048, intermediate 8192, 16 layers, 32 query and

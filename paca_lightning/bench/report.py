@@ -49,7 +49,7 @@ def markdown(report: dict) -> str:
                      f"| {_cell(row, 'tokens_per_s', digits=0)} | {_cell(row, 'saved_bytes', MIB)} "
                      f"| {_cell(row, 'flops', 1e9)} | {_cell(row, 'peak_memory_bytes', MIB)} "
                      f"| {_cell(row, 'step_memory_bytes', MIB)} "
-                     f"| {row.get('max_sequence_length', '-')} |")
+                     f"| {_sequence_cell(row.get('max_sequence_length'), options['sequence_limit'])} |")
     for loss, by_method in report["ratios"].items():
         metrics = [m for m in RATIO_LABELS if any(m in values for values in by_method.values())]
         lines += ["", f"Ratios, {loss} loss (below 1 favours PaCA, except tokens/s and max sequence length):", "",
@@ -76,6 +76,13 @@ def _bar_chart(ax, rows: list[dict], key: str, scale: float, ylabel: str) -> Non
     ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", labelsize=7)
+
+
+def _sequence_cell(length, limit: int) -> str:
+    """The longest sequence found, marked when the search stopped at its limit (the true one is longer)."""
+    if length is None:
+        return "-"
+    return f">= {length} (the search limit)" if length >= limit else str(length)
 
 
 def write_plots(report: dict, directory: Path) -> list[Path]:

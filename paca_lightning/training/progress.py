@@ -124,9 +124,12 @@ class StepProgressBar(TQDMProgressBar):
     `TrainingProgress` prints plain lines instead, and a bar would only fill logs with frames.
     """
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not sys.stdout.isatty():
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not sys.stdout.isatty():  # before the sanity check, which draws a bar of its own
             self.disable()
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         self.train_progress_bar.reset(total=None if total == float("inf") else int(total))
