@@ -46,7 +46,18 @@ except ImportError:  # pragma: no cover (torch built without distributed support
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool):
-    return F.linear(x, weight.t() if transposed else weight, bias)
+    return as_function_output(F.linear(x, weight.t() if transposed else weight, bias))
+
+
+def as_function_output(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor that is not a view, for returning from a custom autograd Function.
+
+    With a bias and batch dimensions F.linear returns a view of its 2-D result, and autograd
+    forbids in-place writes to a view a custom Function returns (Falcon adds its residual in
+    place). The same storage comes back as a non-view, as torch.matmul does internally: no copy,
+    and the numerics stay F.linear's (a separate bias add would round twice in bf16).
+    """
+    return torch.ops.aten._unsafe_view(y, y.shape) if y._is_view() else y
 
 
 class PaCAFunction(torch.autograd.Function):
@@ -112,6 +123,22 @@ def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+# Subclasses of nn.Linear that override forward with the same map, x @ W^T + b.
+_PLAIN_FORWARD_SUBCLASSES = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass whose forward is still the plain ``x @ W^T + b``: inherited
+    (torch's ``NonDynamicallyQuantizableLinear``) or a known equivalent (Falcon's ``FalconLinear``).
+
+    A subclass with a forward of its own (scaling, quantization, low-rank branches) is not: PaCA
+    replaces the forward, so adapting it would silently compute something else.
+    """
+    kind = type(module)
+    return isinstance(module, nn.Linear) and (
+        kind.forward is nn.Linear.forward or (kind.__module__, kind.__name__) in _PLAIN_FORWARD_SUBCLASSES)
+
+
 def in_features_of(module: nn.Module) -> int:
     """Input features of a Linear (bitsandbytes' quantized Linears are ``nn.Linear`` subclasses and
     carry ``in_features``; their packed weight's shape says nothing) or a GPT-2 ``Conv1D``."""
@@ -163,7 +190,8 @@ class PaCALinear(PaCALayer):
     """A pretrained ``nn.Linear`` or GPT-2 ``Conv1D`` whose columns ``paca_indices`` train in place.
 
     Args:
-        base: the layer to adapt: ``nn.Linear`` or transformers ``Conv1D``. Its ``weight`` and
+        base: the layer to adapt: ``nn.Linear`` (or a subclass keeping the plain forward, see
+            `is_plain_linear`) or transformers ``Conv1D``. Its ``weight`` and
             ``bias`` Parameters are taken over (same objects, so state-dict keys stay
             ``<name>.weight``/``<name>.bias``).
         paca_indices: ``r`` distinct input features to train.
@@ -182,10 +210,11 @@ class PaCALinear(PaCALayer):
         super().__init__()
         if is_conv1d(base):
             self.transposed = True
-        elif type(base) is nn.Linear:
+        elif is_plain_linear(base):
             self.transposed = False
         else:
-            raise TypeError(f"PaCALinear adapts nn.Linear or transformers Conv1D, got {type(base).__name__}")
+            raise TypeError(f"PaCALinear adapts nn.Linear (or a subclass keeping its plain forward) or transformers "
+                            f"Conv1D, got {type(base).__module__}.{type(base).__name__}")
         out_features, in_features = base.weight.shape[::-1] if self.transposed else base.weight.shape
         indices = validated_indices(paca_indices, in_features, base.weight.device)
         self.in_features, self.out_features = in_features, out_features

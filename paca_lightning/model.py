@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple, Optional
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig, selects
-from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d
+from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d, is_plain_linear
 from .quantized import (
     QuantizedPaCALinear,
     check_quantized_targets,
@@ -39,13 +40,9 @@ def _dense_paca_layers(model: nn.Module) -> Iterator[PaCALinear]:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Layers PaCA can adapt: exactly ``nn.Linear`` (not subclasses, whose forward may differ),
-    transformers ``Conv1D``, or a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (QPaCA)."""
-    return type(module) is nn.Linear or is_conv1d(module) or is_quantized_linear(module)
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Layers PaCA can adapt: ``nn.Linear`` and subclasses keeping its plain forward
+    (`is_plain_linear`), transformers ``Conv1D``, bitsandbytes ``Linear4bit``/``Linear8bitLt`` (QPaCA)."""
+    return is_plain_linear(module) or is_conv1d(module) or is_quantized_linear(module)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -62,7 +59,7 @@ def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     (`PaCAConfig`, or any object with those two fields); raises naming what is wrong."""
     modules = dict(model.named_modules(remove_duplicate=False))  # every alias: `_refuse_shared` checks them
     heads = _output_head_names(model)
-    all_linear = {name for name, m in modules.items() if _is_linear_like(m) and name not in heads}
+    all_linear = {name for name, m in modules.items() if is_adaptable(m) and name not in heads}
     chosen = {name: m for name, m in modules.items()
               if name and selects(config.target_modules, name, all_linear)}
     if config.exclude_modules is not None:
@@ -83,8 +80,8 @@ def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
                          f"linear layers here are named e.g. {_examples(all_linear)}")
     for name, module in chosen.items():
         if not is_adaptable(module):
-            raise TypeError(f"module {name!r} is a {type(module).__module__}.{type(module).__name__}; "
-                            "PaCA adapts torch.nn.Linear, transformers Conv1D and bitsandbytes "
+            raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}. PaCA adapts torch.nn.Linear "
+                            "(and subclasses keeping its forward), transformers Conv1D and bitsandbytes "
                             "Linear4bit/Linear8bitLt layers only. "
                             f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
     return chosen
@@ -118,6 +115,14 @@ def _refuse_shared(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
                              f"miss its part. Leave {name!r} out of target_modules (or add it to "
                              "exclude_modules), or untie the weights first (transformers: "
                              "config.tie_word_embeddings=False before loading)")
+
+
+def _not_adaptable_reason(module: nn.Module) -> str:
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    if isinstance(module, nn.Linear):
+        return (f"{kind}, a subclass of nn.Linear with a forward of its own; PaCA replaces the forward by the "
+                "plain x @ W^T + b, which would silently change what this layer computes")
+    return kind
 
 
 def _examples(names: set[str], n: int = 4) -> list[str]:
@@ -158,8 +163,8 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         targets = {name: modules[name] for name in indices}
         for name, module in targets.items():
             if not is_adaptable(module):
-                raise TypeError(f"module {name!r} is a {type(module).__name__}, not nn.Linear/Conv1D or "
-                                "a bitsandbytes Linear4bit/Linear8bitLt")
+                raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}; PaCA adapts nn.Linear, "
+                                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers")
     else:
         targets = find_targets(model, config)
 
@@ -310,14 +315,24 @@ def set_paca_auto_sync(model: nn.Module, enabled: bool) -> None:
 class TrainableReport(NamedTuple):
     trainable: int
     total: int
+    # weight matrices left entirely frozen outside the embeddings and the output head, as
+    # ((name pattern, parameter count), ...): what target_modules did not reach
+    untrained: tuple[tuple[str, int], ...] = ()
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+        line = (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
                 f"trainable%: {self.percent:.4f}")
+        if not self.untrained:
+            return line
+        frozen = sum(count for _, count in self.untrained)
+        names = ", ".join(f"{name} ({100 * count / max(self.total, 1):.1f}%)" for name, count in self.untrained[:6])
+        more = f" and {len(self.untrained) - 6} more" if len(self.untrained) > 6 else ""
+        return (f"{line}\nnot trained: {100 * frozen / max(self.total, 1):.1f}% of all params are weight matrices "
+                f"that target_modules leaves frozen: {names}{more}")
 
 
 def trainable_parameters(model: nn.Module) -> TrainableReport:
@@ -333,6 +348,12 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
         paca_weights.add(id(layer.paca_weight))
         weight_values[id(layer.weight)] = layer.in_features * layer.out_features  # packed bytes or dense
     trainable = total = 0
+    untrained: dict[str, int] = {}
+    skipped = _embedding_and_head_parameters(model) | set(weight_values)
+    for name, param in model.named_parameters():
+        if id(param) not in skipped and not param.requires_grad and param.ndim >= 2:
+            pattern = re.sub(r"\.\d+\.", ".*.", name)
+            untrained[pattern] = untrained.get(pattern, 0) + param.numel()
     for param in model.parameters():
         if id(param) in paca_weights:
             trainable += param.numel() if param.requires_grad else 0
@@ -342,4 +363,17 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
             count *= 2  # bitsandbytes packs two 4-bit values per stored byte
         total += count
         trainable += count if param.requires_grad else 0
-    return TrainableReport(trainable, total)
+    if not paca_weights:  # a model without PaCA: nothing to say about what PaCA left out
+        untrained = {}
+    return TrainableReport(trainable, total, tuple(sorted(untrained.items(), key=lambda item: -item[1])))
+
+
+def _embedding_and_head_parameters(model: nn.Module) -> set[int]:
+    """Parameters of embeddings and of the output head: frozen on purpose, never a PaCA target."""
+    found = {id(param) for module in model.modules() if isinstance(module, nn.Embedding)
+             for param in module.parameters(recurse=False)}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Module):
+        found |= {id(param) for param in head.parameters()}
+    return found

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PaCALayer, is_conv1d, validated_indices
+from .layers import PaCALayer, as_function_output, is_conv1d, is_plain_linear, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
@@ -215,7 +215,7 @@ def check_quantized_targets(selection: str, quantize: Optional[str], targets: di
             if found != quantize:
                 raise ValueError(f"PaCAConfig.quantize={quantize!r}, but module {name!r} is already quantized "
                                  f"as {found}; set quantize={found!r} or None for this model")
-        elif type(module) is not nn.Linear:
+        elif not is_plain_linear(module):
             layout = "GPT-2 Conv1D (weight stored in x out)" if is_conv1d(module) else type(module).__name__
             raise TypeError(f"PaCAConfig.quantize={quantize!r}: module {name!r} is a {layout}; quantize "
                             "applies to torch.nn.Linear layers. Load the model with transformers "
@@ -242,7 +242,7 @@ class QuantizedPaCAFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         # Under autocast the output stays in the autocast dtype, as for a dense autocast Linear;
         # otherwise it comes back in the input's dtype, as bitsandbytes' Linear4bit returns it.
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return as_function_output(y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -399,7 +399,7 @@ class QuantizedPaCALinear(PaCALayer):
         """Same dtypes as `QuantizedPaCAFunction`; ``weight_in(dtype)`` builds the weight."""
         dtype = self.compute_dtype_for(x)
         y = F.linear(x.to(dtype), weight_in(dtype), None if self.bias is None else self.bias.to(dtype))
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return as_function_output(y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype))
 
     def merged_module(self, dtype: Optional[torch.dtype] = None, requantize: bool = False) -> nn.Module:
         """A layer without PaCA holding the trained columns.

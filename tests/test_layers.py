@@ -216,13 +216,29 @@ def test_gradient_checkpoint_recompute_gives_same_gradients():
         torch.testing.assert_close(twin.paca_weight.grad, layer.paca_weight.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_output_can_be_modified_in_place_like_a_dense_layers(layout):
+    """Models add residuals into a linear output in place (Falcon); autograd refuses that on a view
+    returned by a custom Function, and F.linear with a bias returns one for batched input."""
+    layer = make_layer(layout, bias=True)
+    x = torch.randn(2, 3, layer.in_features)
+    residual = torch.randn(2, 3, layer.out_features)
+    grad_output = torch.randn(2, 3, layer.out_features)
+    y = layer(x)
+    y += residual
+    y.backward(grad_output)
+    _, _, column_grad, _ = dense_reference(layer, x, grad_output)
+    torch.testing.assert_close(layer.paca_weight.grad, layer.scaling * column_grad)
+
+
 def test_bad_indices_are_rejected_with_valid_range():
     base = make_base("linear", False)
     with pytest.raises(ValueError, match=r"distinct values in \[0, 24\)"):
         PaCALinear(base, torch.tensor([0, 24]), 1.0)
     with pytest.raises(ValueError, match="distinct"):
         PaCALinear(make_base("linear", False), torch.tensor([3, 3]), 1.0)
-    with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
+    with pytest.raises(TypeError, match=r"adapts nn.Linear \(or a subclass keeping its plain forward\) or "
+                                        "transformers Conv1D, got torch.nn.modules.conv.Conv2d"):
         PaCALinear(nn.Conv2d(3, 3, 1), torch.tensor([0]), 1.0)
 
 

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
+from conftest import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, make_tiny_mixtral, token_batch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -42,10 +42,10 @@ def dense_column_gradients(paca_model, batch, checkpointing: bool):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon"])
 def test_every_layer_gradient_equals_dense_gradient_on_its_columns(family, checkpointing):
-    model = make_tiny_llama() if family == "llama" else make_tiny_gpt2()
-    bias = "all" if family == "gpt2" else "none"
+    model = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2, "falcon": make_tiny_falcon}[family]()
+    bias = "none" if family == "llama" else "all"
     apply_paca(model, PaCAConfig(rank=4, alpha=12, bias=bias))
     with torch.no_grad():  # move away from the pretrained columns so the check is not trivial
         for _, layer in paca_layers(model):
@@ -60,7 +60,7 @@ def test_every_layer_gradient_equals_dense_gradient_on_its_columns(family, check
     model.train()
     model(**batch).loss.backward()
     assert len(forward_calls) == (2 if checkpointing else 1)  # recompute really happened
-    assert len(layers) == (14 if family == "llama" else 8)
+    assert len(layers) == {"llama": 14, "gpt2": 8, "falcon": 8}[family]
     for name, layer in layers.items():
         torch.testing.assert_close(layer.paca_weight.grad, layer.scaling * expected[name],
                                    rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
@@ -203,6 +203,51 @@ def test_trainable_report_counts_like_peft_with_the_models_own_parameter_count(q
     assert report.total == own_count  # the trained columns live in weights counted already
     assert str(report) == (f"trainable params: {expected_trainable:,d} || all params: {report.total:,d} "
                            f"|| trainable%: {100 * expected_trainable / report.total:.4f}")
+
+
+def test_report_names_the_weight_matrices_left_untrained_with_their_share():
+    model = apply_paca(make_tiny_mixtral(), PaCAConfig(rank=4))
+    report = trainable_parameters(model)
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    untrained = dict(report.untrained)
+    assert set(untrained) == {"model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj",
+                              "model.layers.*.mlp.gate.weight"}
+    assert untrained["model.layers.*.mlp.experts.gate_up_proj"] + untrained[
+        "model.layers.*.mlp.experts.down_proj"] == experts
+    share = 100 * sum(untrained.values()) / report.total
+    assert f"not trained: {share:.1f}% of all params" in str(report)
+    assert "model.layers.*.mlp.experts.gate_up_proj (" in str(report)
+    # a dense model with every linear layer adapted leaves nothing to report
+    assert trainable_parameters(apply_paca(make_tiny_llama(), PaCAConfig(rank=4))).untrained == ()
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with a forward of its own: adapting it would silently drop the scale."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class MixedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.Linear(8, 8)
+        self.scaled = ScaledLinear(8, 8)
+        self.attention = nn.MultiheadAttention(8, 2)  # out_proj is torch's NonDynamicallyQuantizableLinear
+
+    def forward(self, x):
+        return self.attention(self.scaled(self.plain(x)), x, x)[0]
+
+
+def test_linear_subclasses_with_the_plain_forward_are_adapted_and_others_refused_by_name():
+    model = apply_paca(MixedLinears(), PaCAConfig(rank=2))
+    assert sorted(name for name, _ in paca_layers(model)) == ["attention.out_proj", "plain"]
+    with pytest.raises(TypeError) as refused:
+        apply_paca(MixedLinears(), PaCAConfig(rank=2, target_modules=["plain", "scaled"]))
+    message = str(refused.value)
+    assert f"'scaled' is a {ScaledLinear.__module__}.ScaledLinear" in message
+    assert "forward of its own" in message
+    assert message.endswith("e.g. ['out_proj', 'plain']")  # never suggests the module it refused
 
 
 def test_unload_restores_the_pretrained_model_bit_for_bit():

@@ -6,7 +6,7 @@ import bitsandbytes
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, saved_bytes, token_batch
+from conftest import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, saved_bytes, token_batch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -106,6 +106,14 @@ def test_quantize_option_trains_exactly_on_its_own_quantized_base(quantize):
     assert {layer.kind for _, layer in paca_layers(model)} == {"8bit" if quantize == "int8" else "4bit"}
     perturb_columns(model)
     assert_grads_match_dense(model, make_tiny_llama(seed=4), token_batch())
+
+
+def test_quantize_option_adapts_linear_subclasses_with_the_plain_forward():
+    """Falcon's FalconLinear layers, whose outputs the model then modifies in place."""
+    model = apply_paca(make_tiny_falcon(seed=4), PaCAConfig(rank=4, alpha=8, quantize="nf4", bias="all"))
+    assert len(list(paca_layers(model))) == 8
+    perturb_columns(model)
+    assert_grads_match_dense(model, make_tiny_falcon(seed=4), token_batch())
 
 
 def test_quantize_option_selects_columns_on_full_precision_weights():
