@@ -202,6 +202,15 @@ def test_datamodule_reads_the_shipped_sample_and_reports_what_it_skipped(capsys)
     assert "tree root deleted or failed review" in report and "assistant tokens to train on" in report
 
 
+def test_only_rank_zero_prints_the_data_summary(capsys, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning sets in the second DDP process
+    datamodule = OASST1DataModule(max_length=256)
+    datamodule.setup("fit")
+    assert datamodule.train_examples and capsys.readouterr().out == ""
+
+
 def test_datamodule_with_nothing_left_raises_naming_the_source():
     with pytest.raises(ValueError, match="no training conversation.*languages=\\['xx'\\]"):
         OASST1DataModule(languages=["xx"]).setup("fit")

@@ -35,6 +35,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -251,11 +252,12 @@ class MMLUDataModule(L.LightningDataModule):
                              f"{self.skipped.report('MMLU')}")
         self.eval_examples, self.shortened = build_eval_examples(self.tokenizer, eval_rows, dev_rows,
                                                                  self.shots, self.max_length)
-        print(f"MMLU: {len(self.train_examples)} training questions ({self.truncated} truncated), "
-              f"{len(self.eval_examples)} {self.eval_split} questions in "
-              f"{len({e['subject'] for e in self.eval_examples})} subjects, {self.shots}-shot "
-              f"({self.shortened} prompts shortened to fit {self.max_length} tokens). "
-              f"{self.skipped.report('MMLU')}")
+        if rank_zero_only.rank == 0:  # every rank prepares the same data; one summary is enough
+            print(f"MMLU: {len(self.train_examples)} training questions ({self.truncated} truncated), "
+                  f"{len(self.eval_examples)} {self.eval_split} questions in "
+                  f"{len({e['subject'] for e in self.eval_examples})} subjects, {self.shots}-shot "
+                  f"({self.shortened} prompts shortened to fit {self.max_length} tokens). "
+                  f"{self.skipped.report('MMLU')}")
 
     def _training_example(self, row: dict) -> dict:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from . import OASST1_SAMPLE, TINY_LLAMA_DIR
@@ -235,7 +236,8 @@ class OASST1DataModule(L.LightningDataModule):
         if self.packing:
             self.train_examples = pack_examples(self.train_examples, self.max_length)
             self.val_examples = pack_examples(self.val_examples, self.max_length)
-        print(self.summary())
+        if rank_zero_only.rank == 0:  # every rank prepares the same data; one summary is enough
+            print(self.summary())
 
     def _tokenize(self, conversations: list[list[dict]]) -> list[dict]:
         examples = []
