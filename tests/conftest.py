@@ -1,8 +1,9 @@
 """Tiny models built from configs: nothing is downloaded."""
 
+import os
+
 import pytest
 import torch
-from torch import nn
 from transformers import (
     FalconConfig,
     FalconForCausalLM,
@@ -13,6 +14,8 @@ from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
 )
+
+from paca_lightning.bench.measure import SavedTensors
 
 
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
@@ -55,26 +58,24 @@ def token_batch(batch_size: int = 2, length: int = 12, vocab: int = 128, seed: i
 
 
 def saved_bytes(fn, parameters=()):
-    """Run ``fn`` and return (bytes autograd saved for backward, the saved tensors, fn's result).
-
-    Parameters cost nothing to save, so tensors living in a parameter's storage are excluded:
-    ``nn.Parameter`` instances and views of ``parameters`` (a frozen Linear saves ``W.t()``).
-    Each storage counts once, so a tensor saved by several ops (one input feeding q, k and v)
-    is not counted three times.
-    """
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages, saved = {}, []
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if not isinstance(tensor, nn.Parameter) and storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-            saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Run ``fn`` and return (bytes autograd saved for backward, the saved tensors, fn's result),
+    counted as the benchmark counts them (`paca_lightning.bench.measure.SavedTensors`)."""
+    with SavedTensors(parameters) as saved:
         result = fn()
-    return sum(storages.values()), saved, result
+    return saved.nbytes, saved.tensors, result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_compile_cache(tmp_path_factory):
+    """torch.compile's cache in this run's own folder: two test runs on one machine sharing
+    inductor's default folder under /tmp broke each other's compiled artifacts. Subprocesses the
+    tests start inherit it. A cache folder the user chose is left alone."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor-cache"))
+    yield
+    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @pytest.fixture(autouse=True)

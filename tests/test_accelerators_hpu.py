@@ -65,6 +65,7 @@ def test_hpu_accelerator_and_strategies_are_registered_with_lightning_after_impo
     assert StrategyRegistry["hpu_fsdp"]["strategy"] is HPUFSDPStrategy
 
 
+@pytest.mark.slow
 def test_importing_paca_lightning_first_registers_hpu_once_lightning_is_imported():
     script = textwrap.dedent("""
         import sys

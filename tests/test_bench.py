@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -150,6 +151,7 @@ def test_the_command_rejects_bad_options_with_usage_and_writes_nothing(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_qpaca_vs_qlora_measures_both_at_equal_budget_and_logs_each_round():
     from paca_lightning.bench.quantized import format_table, run_quantized_benchmark
 
@@ -162,7 +164,9 @@ def test_qpaca_vs_qlora_measures_both_at_equal_budget_and_logs_each_round():
     assert abs(qpaca["trainable_params"] / qlora["trainable_params"] - 1) < 0.1
     assert 0 < qpaca["saved_for_backward_bytes"] < qlora["saved_for_backward_bytes"]
     assert all(row["peak_rss"] > 0 and row["step_time_s"] > 0 for row in rows)
-    assert qlora["step_time_ratio_vs_qlora"] == 1.0 and qpaca["step_time_ratio_vs_qlora"] > 0
+    assert len(qpaca["step_times_s"]) == len(qlora["step_times_s"]) == 2
+    round_ratios = [a / b for a, b in zip(qpaca["step_times_s"], qlora["step_times_s"])]
+    assert qpaca["step_time_ratio_vs_qlora"] == pytest.approx(statistics.median(round_ratios))
     assert [line.split(":")[0] for line in lines if "round" in line] == ["  round 1/2", "  round 2/2"]
     assert "qpaca" in format_table(rows).lower()
 

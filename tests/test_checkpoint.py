@@ -26,6 +26,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(tmp_path
     assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_next_save_cleans_up(tmp_path):
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, target)

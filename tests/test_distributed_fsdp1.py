@@ -1,20 +1,30 @@
 """FSDP1 (``use_orig_params=True``) with PaCA in the delta form: 2 gloo processes on CPU."""
 
+import pytest
+import torch
+from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from distributed.launch import results
+
+from paca_lightning import PaCAConfig, apply_paca, paca_layers
+from paca_lightning.parallel import use_delta_form
+from paca_lightning.training import PaCAFSDPStrategy
 
 TOLERANCE = 2e-5
 PLAIN = "plain_torch_worker.py"
 
 
+@pytest.mark.slow
 def test_fsdp1_delta_form_trained_columns_and_merged_weights_match_single_process():
     assert results(PLAIN)["fsdp1_llama_error"] < TOLERANCE
     assert results(PLAIN)["fsdp1_gpt2_error"] < TOLERANCE  # Conv1D layout
 
 
+@pytest.mark.slow
 def test_fsdp1_without_delta_form_fails_the_check():
     assert results(PLAIN)["fsdp1_llama_control_error"] > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp1_gradient_and_optimizer_memory_per_rank_is_the_trainable_size():
     memory = results(PLAIN)["fsdp1_memory"]
     trainable = memory["trainable_param_bytes_global"]
@@ -30,15 +40,18 @@ def test_fsdp1_gradient_and_optimizer_memory_per_rank_is_the_trainable_size():
 LIGHTNING = "lightning_worker.py"
 
 
+@pytest.mark.slow
 def test_lightning_fsdp1_trained_columns_match_single_process_after_two_steps():
     # PaCAFSDPStrategy (FSDP1 on CPU, sharded checkpoint)
     assert results(LIGHTNING)["fsdp1_step2_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp1_resume_from_adapter_only_checkpoint_continues_like_the_single_process_run():
     assert results(LIGHTNING)["fsdp1_resumed_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp1_fit_end_adapter_holds_every_ranks_columns_and_merged_export_computes_the_same():
     found = results(LIGHTNING)
     assert found["fsdp1_adapter_error"] < TOLERANCE
@@ -47,13 +60,7 @@ def test_lightning_fsdp1_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
 
 
 # Single-process properties of the delta form (no launch).
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch  # noqa: E402
 
-from paca_lightning import PaCAConfig, apply_paca, paca_layers  # noqa: E402
-from paca_lightning.parallel import use_delta_form  # noqa: E402
-from paca_lightning.training import PaCAFSDPStrategy  # noqa: E402
 
 
 def _loss_and_grads(model):

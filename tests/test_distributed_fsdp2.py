@@ -5,43 +5,55 @@ on the same global batches a single process sees whole, then gathers the trained
 the merged weights; the shared launch also serves the FSDP1 and DDP tests.
 """
 
+import pytest
+from conftest import make_tiny_llama
 from distributed.launch import results
+from torch import nn
+
+from paca_lightning.parallel import decoder_layers, shard_paca_model
 
 # fp32, 3 AdamW steps at lr 2e-2: sharded reductions reorder sums, nothing more.
 TOLERANCE = 2e-5
 PLAIN = "plain_torch_worker.py"
 
 
+@pytest.mark.slow
 def test_fsdp2_trained_columns_and_merged_weights_match_single_process_with_activation_checkpointing():
     assert results(PLAIN)["world_size"] == 2
     assert results(PLAIN)["fsdp2_llama_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp2_conv1d_weights_sharded_on_their_output_dim_stay_exact():
     assert results(PLAIN)["fsdp2_gpt2_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp2_without_column_sync_after_the_step_fails_the_check():
     found = results(PLAIN)
     assert found["fsdp2_llama_control_error"] > 100 * TOLERANCE
     assert found["fsdp2_gpt2_control_error"] > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp2_conv1d_default_placement_is_refused_with_the_fix_named():
     message = results(PLAIN)["fsdp2_conv1d_default_placement_error"]
     assert message is not None and "Conv1D" in message and "shard_paca_model" in message
 
 
+@pytest.mark.slow
 def test_fsdp2_conv1d_with_outputs_the_ranks_cannot_split_evenly_is_refused_before_sharding():
     message = results(PLAIN)["fsdp2_conv1d_uneven_error"]
     assert message is not None and "99 outputs" in message and "target_modules" in message
 
 
+@pytest.mark.slow
 def test_fsdp2_adapter_save_gathers_every_ranks_rows():
     # a fresh base loading the saved adapter equals the single-process model
     assert results(PLAIN)["fsdp2_adapter_file_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_world_size():
     memory = results(PLAIN)["fsdp2_memory"]
     world = results(PLAIN)["world_size"]
@@ -58,21 +70,25 @@ def test_fsdp2_gradient_and_optimizer_memory_per_rank_is_trainable_size_over_wor
 LIGHTNING = "lightning_worker.py"
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_trained_columns_match_single_process_after_two_steps():
     # PaCAModelParallelStrategy (FSDP2, activation checkpointing, distributed checkpoint)
     assert results(LIGHTNING)["fsdp2_step2_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_resume_from_adapter_only_checkpoint_continues_like_the_single_process_run():
     assert results(LIGHTNING)["fsdp2_resumed_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_num_nodes_times_devices_form_one_data_parallel_mesh():
     found = results(LIGHTNING)
     assert found["fsdp2_two_nodes_mesh_size"] == 2
     assert found["fsdp2_two_nodes_step2_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_resume_from_one_full_checkpoint_file_continues_like_the_single_process_run():
     # PaCAModelParallelStrategy(save_distributed_checkpoint=False): rank 0 writes one file
     found = results(LIGHTNING)
@@ -81,6 +97,7 @@ def test_lightning_fsdp2_resume_from_one_full_checkpoint_file_continues_like_the
     assert found["fsdp2_full_adapter_error"] < TOLERANCE
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_export_computes_the_same():
     found = results(LIGHTNING)
     assert found["fsdp2_adapter_error"] < TOLERANCE
@@ -89,11 +106,7 @@ def test_lightning_fsdp2_fit_end_adapter_holds_every_ranks_columns_and_merged_ex
 
 
 # Single-process checks of the sharding policy's refusals (no launch, no process group).
-import pytest  # noqa: E402
-from conftest import make_tiny_llama  # noqa: E402
-from torch import nn  # noqa: E402
 
-from paca_lightning.parallel import decoder_layers, shard_paca_model  # noqa: E402
 
 
 def test_shard_paca_model_refuses_a_model_without_paca():
@@ -107,12 +120,14 @@ def test_decoder_layers_come_from_no_split_modules_or_a_clear_error():
         decoder_layers(nn.Sequential(nn.Linear(4, 4)))
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_weight_decay_toward_pretrained_columns_acts_on_each_ranks_rows():
     found = results(LIGHTNING)
     assert found["fsdp2_weight_decay_step2_error"] < TOLERANCE
     assert found["fsdp2_weight_decay_effect"] > 100 * TOLERANCE  # the decay changed the columns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_fsdp2_qpaca_trains_like_one_process_and_each_rank_keeps_half_the_packed_weight(quantize):
     found = results(PLAIN)
@@ -124,6 +139,7 @@ def test_fsdp2_qpaca_trains_like_one_process_and_each_rank_keeps_half_the_packed
     assert weight["local"] <= (weight["global"] + 1) // 2 and not weight["base_holds_bytes"]
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_trains_qpaca_and_exports_its_adapter_and_a_dense_merged_model():
     found = results(LIGHTNING)
     assert found["fsdp2_qpaca_step2_error"] < 5 * TOLERANCE

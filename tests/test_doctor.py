@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from paca_lightning import doctor
 
 
@@ -21,6 +23,7 @@ def test_a_lightning_command_of_another_package_is_named_with_both_fixes(tmp_pat
     assert "paca-lightning run recipes/oasst1.py" in problem and "--force-reinstall --no-deps" in problem
 
 
+@pytest.mark.slow
 def test_paca_lightning_run_is_the_same_launcher_under_its_own_name(tmp_path):
     script = tmp_path / "show_args.py"
     script.write_text("import sys\nprint(sys.argv[1:])\n")

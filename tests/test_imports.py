@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "paca_lightning"
 
 # Each module may import only modules of its own layer or of the layers before it.
@@ -98,6 +100,7 @@ def test_the_package_has_no_import_cycle():
     assert not any(visit(module, [module]) for module in sorted(edges) if module not in state), " -> ".join(cycle)
 
 
+@pytest.mark.slow
 def test_importing_the_core_loads_neither_lightning_nor_the_training_or_parallel_code():
     code = ("import json, sys\n" + "".join(f"import {name}\n" for name in CORE)
             + "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning' "
@@ -107,6 +110,7 @@ def test_importing_the_core_loads_neither_lightning_nor_the_training_or_parallel
     assert loaded == []
 
 
+@pytest.mark.slow
 def test_the_lightning_names_of_the_package_load_on_first_use():
     code = ("import sys, paca_lightning\nassert 'lightning' not in sys.modules\n"
             "from paca_lightning import PaCACallback, PaCAFineTuneModule\n"

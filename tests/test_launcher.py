@@ -34,6 +34,7 @@ def test_launch_options_go_after_the_last_config_and_before_the_users_own_argume
         "--trainer.devices", "4", "-c", "a.yaml", "--trainer.strategy=ddp"]
 
 
+@pytest.mark.slow
 def test_a_recipe_config_does_not_undo_the_launch_options(tmp_path):
     import subprocess
     from pathlib import Path

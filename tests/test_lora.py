@@ -152,6 +152,7 @@ def test_lora_refuses_a_paca_callback_in_the_trainer(tmp_path):
         trainer.fit(_lora_module(), loader(token_examples(2), 2))
 
 
+@pytest.mark.slow
 def test_demo_lora_config_runs_through_the_recipe_and_reports_like_paca(tmp_path):
     output = run_recipe("oasst1.py", "--config", str(RECIPES / "configs" / "demo_oasst1_lora.yaml"),
                         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--report.max_new_tokens=4",

@@ -213,6 +213,7 @@ def test_chunked_loss_refuses_models_with_transformed_logits():
                                                     "labels": torch.zeros(1, 4, dtype=torch.long)})
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one_and_syncs_columns_outside_forward(tmp_path):
     examples = token_examples(8)
     eager, _ = _fit(tmp_path / "a", examples, max_steps=3)

@@ -36,6 +36,7 @@ def printed_path(output, label):
     return Path(match.group(1))
 
 
+@pytest.mark.slow
 def test_oasst1_recipe_trains_reports_and_writes_a_merged_model_plain_transformers_loads(tmp_path):
     output = run_recipe("oasst1.py", "--trainer.max_steps=8", "--trainer.val_check_interval=4",
                         "--report.max_new_tokens=8", tmp_path=tmp_path)
@@ -58,6 +59,7 @@ def test_oasst1_recipe_trains_reports_and_writes_a_merged_model_plain_transforme
         torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits)
 
 
+@pytest.mark.slow
 def test_a_recipe_run_checkpoints_every_n_steps_and_resumes_from_the_last(tmp_path):
     first = run_recipe("oasst1.py", "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=2",
                        "--report.sample_prompt=", tmp_path=tmp_path)
@@ -69,6 +71,7 @@ def test_a_recipe_run_checkpoints_every_n_steps_and_resumes_from_the_last(tmp_pa
     assert torch.load(printed_path(resumed, "checkpoint"), weights_only=False)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_a_recipe_run_without_checkpointing_writes_none(tmp_path):
     output = run_recipe("oasst1.py", "--trainer.max_steps=2", "--trainer.enable_checkpointing=false",
                         "--report.sample_prompt=", tmp_path=tmp_path)
@@ -76,6 +79,7 @@ def test_a_recipe_run_without_checkpointing_writes_none(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_mmlu_recipe_reports_accuracy_per_subject_before_and_after(tmp_path):
     output = run_recipe("mmlu.py", "--trainer.max_steps=2", tmp_path=tmp_path)
     for when in ("before", "after"):
@@ -98,6 +102,7 @@ def test_paper_configs_parse_into_the_recipe_options(recipe, config, capsys, mon
     assert "meta-llama/" in printed and "rank:" in printed
 
 
+@pytest.mark.slow
 def test_bad_input_ends_the_run_with_its_message_not_a_traceback(tmp_path):
     environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     environment.pop("PACA_LIGHTNING_TRACEBACK", None)

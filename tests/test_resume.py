@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -72,6 +73,7 @@ def _adapter(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / "paca_adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     reference_root, crashed_root = tmp_path / "reference", tmp_path / "crashed"
     reference, crashed = _start(reference_root), _start(crashed_root, "--kill-at", str(KILL_AT_STEP))

@@ -86,24 +86,48 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     return (tensor.device, storage.data_ptr(), storage.nbytes())
 
 
-def saved_bytes(trainee: Trainee, compute_loss: Callable, batch: dict) -> int:
-    """Bytes of distinct non-parameter storages saved for backward by one forward (then backward)."""
-    parameter_storages = {_storage_key(p) for p in trainee.causal_lm.parameters()}
-    seen: dict[tuple, int] = {}
+class SavedTensors:
+    """What autograd saves for backward inside a ``with`` block.
 
-    def pack(tensor):
-        if tensor.layout == torch.strided and not tensor.is_meta:
+    ``nbytes`` counts each storage once; ``tensors`` lists the saved tensors that were counted.
+    Parameters cost nothing extra to save, so ``nn.Parameter`` instances and tensors living in the
+    storage of one of ``parameters`` (a frozen Linear saves ``W.t()``) are left out.
+    """
+
+    def __init__(self, parameters=()) -> None:
+        self._parameter_storages = {_storage_key(p) for p in parameters}
+        self._storages: dict[tuple, int] = {}
+        self.tensors: list[torch.Tensor] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.layout == torch.strided and not tensor.is_meta and not isinstance(tensor, torch.nn.Parameter):
             key = _storage_key(tensor)
-            if key not in parameter_storages:
-                seen[key] = key[2]
+            if key not in self._parameter_storages:
+                self._storages[key] = key[2]
+                self.tensors.append(tensor)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> SavedTensors:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._hooks.__exit__(*exc_info)
+
+
+def saved_bytes(trainee: Trainee, compute_loss: Callable, batch: dict) -> int:
+    """Bytes of distinct non-parameter storages saved for backward by one forward (then backward)."""
+    with SavedTensors(trainee.causal_lm.parameters()) as saved:
         loss = compute_loss(trainee.causal_lm, batch)
     loss.backward()
     if trainee.optimizer is not None:
         trainee.optimizer.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return saved.nbytes
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

@@ -163,6 +163,7 @@ def run_quantized_benchmark(model: str = "llama-50m", *, quant_type: str = "nf4"
                     "batch_size": batch_size, "sequence_length": sequence_length, "compute_dtype": compute_dtype,
                     "device": device, "steps": rss_steps}
             rows[method].update(_child_peak(spec))
+            rows[method]["step_times_s"] = times[method]
             rows[method]["step_time_s"] = median(times[method])
     ratios = [a / b for a, b in zip(times["qpaca"], times["qlora"])]
     rows["qpaca"]["step_time_ratio_vs_qlora"] = median(ratios)
