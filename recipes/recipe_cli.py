@@ -51,14 +51,20 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-class _DropAdvertisements(logging.Filter):
-    """Lightning prints a tip recommending a cloud product on every run; it is not about the run."""
+class _DropNoise(logging.Filter):
+    """Lightning prints a tip recommending a cloud product on every run; it is not about the run.
+    In a terminal it also prints "`Trainer.fit` stopped: `max_steps=N` reached" while the progress
+    bar, already showing N/N, is still open: the line lands inside the bar, which then draws itself
+    a second time. The plain progress lines of a non-terminal run keep it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        message = str(record.msg)
+        if message.startswith("\N{ELECTRIC LIGHT BULB} Tip:"):
+            return False
+        return not (message.startswith("`Trainer.fit` stopped: `max_steps=") and sys.stdout.isatty())
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNoise())
 # transformers draws a bar for every load and save of a tiny model; the run's own progress is what matters
 transformers.utils.logging.disable_progress_bar()
 

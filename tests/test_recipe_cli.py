@@ -99,3 +99,20 @@ def test_overwrite_replaces_the_previous_outputs_and_a_resumed_run_reports_the_w
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     report = next(value for key, value in last["callbacks"].items() if key.startswith("RecipeReport"))
     assert [step for step, _ in report["losses"]] == [1, 2, 3, 4]  # both parts of the run, in order
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_lightnings_stop_line_is_dropped_only_where_the_progress_bar_already_says_it(terminal, monkeypatch):
+    import logging
+
+    import recipe_cli
+
+    monkeypatch.setattr(recipe_cli.sys.stdout, "isatty", lambda: terminal)
+    keep = recipe_cli._DropNoise().filter
+
+    def record(message):
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, "", 0, message, (), None)
+
+    assert keep(record("`Trainer.fit` stopped: `max_steps=120` reached.")) is not terminal
+    assert not keep(record("\N{ELECTRIC LIGHT BULB} Tip: try the cloud"))
+    assert keep(record("Seed set to 0"))
