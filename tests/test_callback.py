@@ -155,6 +155,34 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         assert torch.equal(last["state_dict"][f"model.{name}.paca_weight"], columns)  # no step on the inf loss
 
 
+@pytest.mark.parametrize("what", ["gradient", "parameter"])
+def test_non_finite_gradients_or_weights_stop_the_run_before_the_step_is_checkpointed(tmp_path, what):
+    """A finite loss whose gradients overflow (e.g. a huge learning rate) must not reach the weights,
+    and a step that makes a weight non-finite must not reach a checkpoint."""
+
+    class BreaksAtStepThree(PaCAFineTuneModule):
+        def on_after_backward(self):
+            if self.global_step == 3 and what == "gradient":
+                next(p for p in self.parameters() if p.requires_grad).grad[0, 0] = math.nan
+
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            if self.global_step == 3 and what == "parameter":  # the step that becomes global step 4
+                with torch.no_grad():
+                    next(p for p in self.parameters() if p.requires_grad)[0, 0] = math.inf
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    module = BreaksAtStepThree(make_tiny_llama(), CONFIG, learning_rate=1e-2)
+    trainer = quiet_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint])
+    expected = "the gradient of model.* is not finite at global step 3" if what == "gradient" else \
+        "the optimizer step left model.* with non-finite values at global step 4"
+    with pytest.raises(NonFiniteLossError, match=expected + r".*last good checkpoint is .*last"):
+        trainer.fit(module, loader(token_examples(16), 2))
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
+
+
 def test_resuming_with_different_columns_is_refused(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])

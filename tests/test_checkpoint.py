@@ -1,7 +1,12 @@
+import functools
+import http.server
 import os
+import pathlib
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -52,3 +57,89 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_next_s
 def test_remote_storage_options_are_refused_by_name():
     with pytest.raises(TypeError, match="does not accept storage_options"):
         AtomicCheckpointIO().save_checkpoint({}, os.devnull, storage_options={"anon": True})
+
+
+def test_a_write_removes_temporary_files_of_dead_processes_only(tmp_path):
+    target = tmp_path / "last.ckpt"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(finished.stdout), os.getppid()
+    host = socket.gethostname()
+    dead = tmp_path / f".last.ckpt.{host}.{dead_pid}.abc123.partial"
+    live = tmp_path / f".last.ckpt.{host}.{live_pid}.def456.partial"
+    elsewhere = tmp_path / f".last.ckpt.other-host.{dead_pid}.ghi789.partial"  # shared storage, another machine
+    for path in (dead, live, elsewhere):
+        path.write_bytes(b"in flight")
+    atomic_torch_save({"step": 1}, target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["last.ckpt", live.name, elsewhere.name])
+
+
+def test_atomic_writes_leave_the_process_umask_alone(tmp_path, monkeypatch):
+    def umask_changed(mask):
+        raise AssertionError(f"os.umask({mask:o}) called: other threads would create files with that mask")
+
+    monkeypatch.setattr(os, "umask", umask_changed)
+    atomic_torch_save({"step": 1}, tmp_path / "last.ckpt")
+    current = int(next(line for line in open("/proc/self/status") if line.startswith("Umask:")).split()[1], 8)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o666 & ~current
+
+
+@pytest.mark.slow
+def test_two_processes_writing_into_one_folder_never_break_each_other(tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from paca_lightning.training.checkpointing import atomic_torch_save\n"
+        "for step in range(100):\n"
+        "    atomic_torch_save({'step': step, 'writer': sys.argv[2]}, sys.argv[1])\n"
+    )
+    target = tmp_path / "last.ckpt"
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(target), name], stderr=subprocess.PIPE, text=True)
+               for name in ("a", "b")]
+    errors = [writer.communicate()[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], errors
+    assert torch.load(target, weights_only=True)["step"] == 99
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture
+def http_folder(tmp_path, monkeypatch):
+    """A loopback HTTP server over a folder; torch.hub's download cache goes to tmp_path too."""
+    served = tmp_path / "served"
+    served.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *args: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_checkpoint_url_never_unpickles_code_and_a_plain_one_loads(http_folder, tmp_path):
+    served, url = http_folder
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, served / "evil.ckpt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, served / "good.ckpt")
+    with pytest.raises(ValueError, match=r"evil.ckpt cannot be loaded as a checkpoint: .*never unpickled"):
+        AtomicCheckpointIO().load_checkpoint(f"{url}/evil.ckpt")
+    assert not marker.exists()
+    assert AtomicCheckpointIO().load_checkpoint(f"{url}/good.ckpt")["global_step"] == 3
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01 random bytes, not a checkpoint \xff" * 8], ids=["empty", "random"])
+def test_a_file_that_is_not_a_checkpoint_is_named_in_a_clear_error(tmp_path, content):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{path} cannot be loaded as a checkpoint") as error:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert "weights_only=False" not in str(error.value)  # never the advice to unpickle it after all

@@ -14,6 +14,7 @@ complete checkpoint or the new one.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Optional
 
 import torch
@@ -41,6 +42,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not accept storage_options "
                             f"(got {storage_options!r}); it writes local files only")
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Lightning's loading, with tensors and plain containers only, from a file or a URL.
+
+        Lightning loads a checkpoint given as an ``http(s)://`` URL with ``weights_only=False``
+        unless told otherwise, which runs whatever a pickled payload asks for. Here both local
+        files and URLs load with ``weights_only=True`` unless the caller passes ``False`` itself.
+        A file that is empty, truncated or not a checkpoint is named in the error.
+        """
+        if weights_only is None:
+            weights_only = True
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"{path} cannot be loaded as a checkpoint: it is not a torch checkpoint, or it holds "
+                             f"objects other than tensors and plain containers, which are never unpickled here "
+                             f"(a pickled object can run code). torch said: {reason}") from None
+        except (EOFError, RuntimeError) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else "no data"
+            raise ValueError(f"{path} cannot be loaded as a checkpoint: the file is empty, truncated or "
+                             f"corrupt ({type(error).__name__}: {detail})") from None
 
 
 def atomic_torch_save(obj: Any, path) -> None:
