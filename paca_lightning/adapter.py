@@ -8,6 +8,7 @@ and, per module, the shapes and scaling that loading checks against the base mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -70,8 +71,18 @@ def write_adapter(tensors: dict[str, torch.Tensor], description: dict[str, Any],
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": FORMAT}))
+    # safetensors checks its header, not the tensor bytes: the checksum catches flipped bits
+    description = {**description, "weights_sha256": _sha256(directory / WEIGHTS_NAME)}
     atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(description, indent=2) + "\n"))
     return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -90,24 +101,58 @@ def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.T
         raise ValueError(f"{config_path} is not a paca-lightning adapter config "
                          f"(expected \"format\": \"{FORMAT}\")")
     version = description.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{config_path} has format_version {version!r}; this paca-lightning "
-                         f"{__version__} reads format_version <= {FORMAT_VERSION}. Upgrade "
-                         "paca-lightning to load it")
+                         f"{__version__} reads format_version 1 to {FORMAT_VERSION}. Upgrade paca-lightning to load a "
+                         "newer one")
+    for key, kind in (("config", dict), ("modules", dict), ("extra_parameters", list)):
+        if not isinstance(description.get(key), kind):
+            found = f"a {type(description[key]).__name__}" if key in description else "missing"
+            raise ValueError(f"{config_path}: the {key!r} entry is {found}, expected a JSON "
+                             f"{'object' if kind is dict else 'list'}")
+    for name, meta in description["modules"].items():
+        _check_module_entry(config_path, name, meta)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{weights_path} is truncated or corrupt ({error}); re-save the adapter") from None
-    for key in ("config", "modules", "extra_parameters"):
-        if key not in description:
-            raise ValueError(f"{config_path} lacks the {key!r} entry")
+    recorded = description.get("weights_sha256")  # absent in files of earlier versions
+    if recorded is not None and recorded != _sha256(weights_path):
+        raise ValueError(f"{weights_path} does not match the checksum {config_path} records for it: the file was "
+                         "modified or corrupted after it was saved (re-save or re-copy the adapter)")
     expected = {f"{m}.{part}" for m in description["modules"] for part in ("paca_weight", "paca_indices")}
     expected |= set(description["extra_parameters"])
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match {config_path}: missing tensors {missing[:5]}, "
                          f"unexpected tensors {unexpected[:5]}")
+    for key, tensor in tensors.items():
+        if key.endswith(".paca_indices"):
+            if tensor.dtype not in (torch.int32, torch.int64) or tensor.ndim != 1:
+                raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}; "
+                                 "column indices are a 1-D int32 or int64 tensor")
+        elif not tensor.is_floating_point():
+            raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor; trained values are floating point")
+        elif not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: {key} holds NaN or infinite values; this adapter cannot be used")
     return description, tensors
+
+
+_MODULE_FIELDS = {"rank": int, "scaling": (int, float), "in_features": int, "out_features": int, "layout": str}
+
+
+def _check_module_entry(config_path: Path, name: str, meta: Any) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path}: modules[{name!r}] is {meta!r}, expected a JSON object "
+                         f"with {sorted(_MODULE_FIELDS)}")
+    for field, kinds in _MODULE_FIELDS.items():
+        value = meta.get(field)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{config_path}: modules[{name!r}][{field!r}] is {value!r}, expected "
+                             f"{'a string' if kinds is str else 'a number'}")
+    if meta["layout"] not in ("linear", "conv1d"):
+        raise ValueError(f"{config_path}: modules[{name!r}]['layout'] is {meta['layout']!r}, expected "
+                         "'linear' or 'conv1d'")
 
 
 def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = True) -> nn.Module:
@@ -136,7 +181,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
         if tuple(paca.shape) != (meta["out_features"], meta["rank"]):
             raise ValueError(f"{weights_path}: {name}.paca_weight has shape {tuple(paca.shape)}, "
                              f"expected {(meta['out_features'], meta['rank'])}")
-    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64) for name in description["modules"]}
+    # apply_paca keeps indices sorted; a file listing them in another order keeps its columns in
+    # that order, so both are put in sorted order together
+    order = {name: tensors[f"{name}.paca_indices"].to(torch.int64).argsort() for name in description["modules"]}
+    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64)[order[name]] for name in description["modules"]}
     apply_paca(model, config, indices=indices)
 
     params = dict(model.named_parameters())
@@ -146,7 +194,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
             if layer.scaling != expected_scaling:
                 raise ValueError(f"adapter module {name!r}: config gives scaling {layer.scaling}, "
                                  f"the file records {expected_scaling}")
-            layer.paca_weight.copy_(tensors[f"{name}.paca_weight"])
+            layer.paca_weight.copy_(tensors[f"{name}.paca_weight"][:, order[name]])
         for name in description["extra_parameters"]:
             if name not in params:
                 raise ValueError(f"{weights_path} holds parameter {name!r}, which the model lacks")

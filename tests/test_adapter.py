@@ -124,3 +124,86 @@ def test_adapter_files_get_the_usual_permissions(tmp_path):
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def _edit(directory, *, tensors=None, description=None):
+    """Rewrite an adapter's files by hand, as a tool or a person might, keeping the checksum valid."""
+    from paca_lightning.adapter import write_adapter
+
+    saved_tensors = load_file(directory / WEIGHTS_NAME)
+    saved_description = json.loads((directory / CONFIG_NAME).read_text())
+    saved_description.pop("weights_sha256", None)
+    write_adapter(tensors(saved_tensors) if tensors else saved_tensors,
+                  description(saved_description) if description else saved_description, directory)
+
+
+def test_indices_stored_in_another_order_load_with_their_own_columns(tmp_path):
+    model = trained(make_tiny_llama(), PaCAConfig(rank=4))
+    save_adapter(model, tmp_path)
+
+    def reverse(tensors):
+        for key in [k for k in tensors if k.endswith(".paca_indices")]:
+            name = key.removesuffix(".paca_indices")
+            tensors[key] = tensors[key].flip(0)
+            tensors[f"{name}.paca_weight"] = tensors[f"{name}.paca_weight"].flip(1)
+        return tensors
+
+    _edit(tmp_path, tensors=reverse)
+    fresh = load_adapter(make_tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**token_batch()).logits, model(**token_batch()).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t, k: t.__setitem__(k + ".paca_indices", t[k + ".paca_indices"].float() + 0.5),
+     r"paca_indices is a torch.float32 tensor.*1-D int32 or int64"),
+    (lambda t, k: t.__setitem__(k + ".paca_indices", t[k + ".paca_indices"].bool()), r"torch.bool tensor"),
+    (lambda t, k: t.__setitem__(k + ".paca_weight", t[k + ".paca_weight"].to(torch.int32)),
+     r"paca_weight is a torch.int32 tensor; trained values are floating point"),
+    (lambda t, k: t[k + ".paca_weight"].__setitem__((0, 0), float("nan")), r"paca_weight holds NaN or infinite"),
+], ids=["fractional-indices", "bool-indices", "integer-weights", "nan-weights"])
+def test_malformed_adapter_tensors_are_refused_by_name(tmp_path, damage, message):
+    save_adapter(trained(make_tiny_llama(), PaCAConfig(rank=4)), tmp_path)
+
+    def edit(tensors):
+        damage(tensors, "model.layers.0.self_attn.q_proj")
+        return tensors
+
+    _edit(tmp_path, tensors=edit)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(format_version=0), r"format_version 0; .* reads format_version 1 to"),
+    (lambda d: d.update(format_version=-5), r"format_version -5"),
+    (lambda d: d.update(format_version=True), r"format_version True"),
+    (lambda d: d.update(modules=[]), r"the 'modules' entry is a list, expected a JSON object"),
+    (lambda d: d.pop("config"), r"the 'config' entry is missing"),
+    (lambda d: d["modules"].update({"model.layers.0.self_attn.q_proj": 3}), r"modules\['model.layers.0.self_attn"
+                                                                           r".q_proj'\] is 3, expected a JSON object"),
+    (lambda d: d["modules"]["model.layers.0.self_attn.q_proj"].pop("rank"), r"\['rank'\] is None, expected a number"),
+    (lambda d: d["modules"]["model.layers.0.self_attn.q_proj"].update(layout="conv2d"), r"'layout'\] is 'conv2d'"),
+], ids=["version-0", "version-negative", "version-bool", "modules-list", "no-config", "module-not-object",
+        "no-rank", "bad-layout"])
+def test_malformed_adapter_configs_are_refused_by_name(tmp_path, change, message):
+    save_adapter(trained(make_tiny_llama(), PaCAConfig(rank=4)), tmp_path)
+
+    def edit(description):
+        change(description)
+        return description
+
+    _edit(tmp_path, description=edit)
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}.*{message}"):
+        load_adapter(make_tiny_llama(), tmp_path)
+
+
+def test_flipped_bytes_in_the_weights_are_detected_by_the_checksum(tmp_path):
+    save_adapter(trained(make_tiny_llama(), PaCAConfig(rank=4)), tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    for offset in range(len(data) - 40, len(data)):  # inside the last tensor's values, not the header
+        data[offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"does not match the checksum .* records for it"):
+        load_adapter(make_tiny_llama(), tmp_path)

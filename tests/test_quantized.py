@@ -1,5 +1,6 @@
 """QPaCA on bitsandbytes 4-bit (nf4/fp4, double quantization on/off) and 8-bit bases, on CPU."""
 
+import json
 import sys
 
 import bitsandbytes
@@ -253,8 +254,11 @@ def test_adapter_files_are_the_same_for_quantized_and_dense_bases_and_load_back_
     dense_tensors = load_file(tmp_path / "dense" / "adapter_model.safetensors")
     assert {k: (v.shape, v.dtype) for k, v in quantized_tensors.items()} == \
         {k: (v.shape, v.dtype) for k, v in dense_tensors.items()}
-    assert (tmp_path / "quantized" / "adapter_config.json").read_text() == \
-        (tmp_path / "dense" / "adapter_config.json").read_text()
+    descriptions = [json.loads((tmp_path / kind / "adapter_config.json").read_text())
+                    for kind in ("quantized", "dense")]
+    for description in descriptions:
+        description.pop("weights_sha256")  # of different trained values
+    assert descriptions[0] == descriptions[1]
 
     fresh = load_adapter(load(checkpoint, load_in_8bit=True), tmp_path / "quantized")
     batch = token_batch()
