@@ -183,15 +183,20 @@ def test_non_finite_gradients_or_weights_stop_the_run_before_the_step_is_checkpo
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values())
 
 
-def test_resuming_with_different_columns_is_refused(tmp_path):
+@pytest.mark.parametrize("change, message", [
+    (dict(config=PaCAConfig(rank=4, alpha=8, seed=1)), r"another PaCAConfig \(seed: checkpoint 0, this run 1\)"),
+    (dict(config=PaCAConfig(rank=4, alpha=16)), r"another PaCAConfig \(alpha: checkpoint 8, this run 16\)"),
+    (dict(config=PaCAConfig(rank=2, alpha=8)), r"another PaCAConfig \(rank: checkpoint 4, this run 2\)"),
+    (dict(base_seed=5), r"trained on another base model: its pretrained columns differ"),
+], ids=["seed", "alpha", "rank", "base"])
+def test_resuming_another_runs_checkpoint_is_refused_naming_what_differs(tmp_path, change, message):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
-    other = PaCAConfig(rank=4, alpha=8, seed=1)
     resumed = quiet_trainer(tmp_path, max_steps=4)
-    with pytest.raises(ValueError, match="differ from the columns this run selected"):
-        resumed.fit(PaCAFineTuneModule(make_tiny_llama(), other), loader(token_examples(4), 2),
-                    ckpt_path=tmp_path / "last.ckpt")
+    module = PaCAFineTuneModule(make_tiny_llama(seed=change.get("base_seed", 0)), change.get("config", CONFIG))
+    with pytest.raises(ValueError, match=message):
+        resumed.fit(module, loader(token_examples(4), 2), ckpt_path=tmp_path / "last.ckpt")
 
 
 def test_callback_and_module_with_different_configs_are_refused(tmp_path):

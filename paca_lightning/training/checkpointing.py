@@ -14,13 +14,16 @@ complete checkpoint or the new one.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from torch import nn
 
 from ..atomic import atomic_write
 from ..model import paca_layers, sync_paca_columns
@@ -36,6 +39,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     `PaCACheckpointing` installs it in place of Lightning's default checkpoint IO; pass it yourself
     with ``Trainer(plugins=[AtomicCheckpointIO()])`` when you do not use the callback.
     """
+
+    def __init__(self, verify: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+        super().__init__()
+        # called with each loaded checkpoint before Lightning loads it into the module, so a
+        # checkpoint of another run is refused with its reason instead of a size-mismatch traceback
+        self.verify = verify
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -55,7 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is None:
             weights_only = True
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as error:
@@ -67,6 +76,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             detail = str(error).strip().splitlines()[0] if str(error).strip() else "no data"
             raise ValueError(f"{path} cannot be loaded as a checkpoint: the file is empty, truncated or "
                              f"corrupt ({type(error).__name__}: {detail})") from None
+        if self.verify is not None:
+            self.verify(checkpoint)
+        return checkpoint
 
 
 def atomic_torch_save(obj: Any, path) -> None:
@@ -102,7 +114,8 @@ class PaCACheckpointing(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.atomic and type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(verify=lambda checkpoint: self._verify_run(
+                pl_module, checkpoint))
         if self.adapter_only:
             pl_module.strict_loading = False
 
@@ -117,6 +130,7 @@ class PaCACheckpointing(Callback):
             "config": model.paca_config.to_dict(),
             "indices": {prefix + name + _INDICES_SUFFIX: layer.paca_indices.detach().cpu().clone()
                         for name, layer in paca_layers(model)},
+            "base": {"name_or_path": _name_or_path(model), "columns_sha256": self._base_fingerprint(model)},
         }
         if not self.adapter_only:
             return
@@ -124,13 +138,37 @@ class PaCACheckpointing(Callback):
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keep}
         checkpoint["paca"]["adapter_only"] = True
 
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint belongs to this model (after Lightning has loaded it)."""
+    def _base_fingerprint(self, model: nn.Module) -> str:
+        """SHA-256 of every adapted layer's pretrained columns: which base weights the run trains on.
+        Cheap (the columns are the adapter's size), computed once per model: they never change."""
+        if getattr(self, "_fingerprinted", (None,))[0] is not model:
+            digest = hashlib.sha256()
+            for name, layer in paca_layers(model):
+                columns = layer.paca_base_columns.detach().cpu().contiguous()
+                digest.update(name.encode())
+                digest.update(columns.view(torch.uint8).numpy().tobytes())
+            self._fingerprinted = (model, digest.hexdigest())
+        return self._fingerprinted[1]
+
+    def _verify_run(self, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another PaCA config, another base model or other columns."""
         model = paca_model_of(pl_module)
         saved = checkpoint.get("paca")
         if saved is None:
             raise ValueError("this checkpoint has no 'paca' entry: it was not written by a run with "
                              "PaCACheckpointing, so it cannot restore PaCA columns")
+        ours = model.paca_config.to_dict()
+        changed = [f"{key}: checkpoint {saved['config'].get(key)!r}, this run {ours.get(key)!r}"
+                   for key in sorted(set(ours) | set(saved["config"])) if saved["config"].get(key) != ours.get(key)]
+        if changed:
+            raise ValueError("the checkpoint was trained with another PaCAConfig (" + "; ".join(changed) + "). "
+                             "Resuming would silently rescale or misplace the trained columns; resume with the "
+                             "checkpoint's settings, or start a new run without resuming (ckpt_path)")
+        base = saved.get("base")  # absent in checkpoints of earlier versions
+        if base is not None and base["columns_sha256"] != self._base_fingerprint(model):
+            raise ValueError(f"the checkpoint was trained on another base model: its pretrained columns differ from "
+                             f"this run's (checkpoint base {base['name_or_path']!r}, this run "
+                             f"{_name_or_path(model)!r}). Resume on the base model the checkpoint was trained on")
         prefix = prefix_of(pl_module, model)
         for name, layer in paca_layers(model):
             indices = saved["indices"].get(prefix + name + _INDICES_SUFFIX)
@@ -138,6 +176,13 @@ class PaCACheckpointing(Callback):
                 raise ValueError(f"checkpoint columns of {name!r} differ from the columns this run selected "
                                  f"({'absent' if indices is None else 'different indices'}); resume with the "
                                  f"PaCAConfig of the checkpoint: {saved['config']}")
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint belongs to this run (again: sharded checkpoints are read by the
+        strategy, not by `AtomicCheckpointIO`), then restore the columns into the weights."""
+        model = paca_model_of(pl_module)
+        self._verify_run(pl_module, checkpoint)
+        saved = checkpoint["paca"]
         if saved.get("adapter_only"):
             state, module_keys = checkpoint["state_dict"], set(pl_module.state_dict())
             missing = sorted(set(_trainable_keys(pl_module)) - set(state))
@@ -147,6 +192,10 @@ class PaCACheckpointing(Callback):
                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
         sync_paca_columns(model)
         _resume_finished_epoch_at_next_epoch(trainer, checkpoint)
+
+
+def _name_or_path(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 def _trainable_keys(pl_module: LightningModule) -> list[str]:
