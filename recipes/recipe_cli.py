@@ -27,6 +27,7 @@ import transformers
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from paca_lightning import PaCAConfig
 from paca_lightning.training import (
@@ -74,6 +75,9 @@ transformers.utils.logging.disable_progress_bar()
 INPUT_ERRORS = (ValueError, OSError, ConnectionError, ImportError)
 TRACEBACK_VARIABLE = "PACA_LIGHTNING_TRACEBACK"
 BAD_INPUT_EXIT_STATUS = 2  # as argparse uses for usage errors: every kind of bad input ends alike
+# 128 + SIGTERM, as a shell reports a process the signal ended: a scheduler must not record a
+# pre-empted run as a success (Lightning's SIGTERMException alone exits with 0)
+STOPPED_BY_SIGTERM_EXIT_STATUS = 143
 # What a recipe run writes into its folder; a second run there would mix its outputs with these.
 RUN_OUTPUTS = (ADAPTER_DIRNAME, LORA_ADAPTER_DIRNAME, MERGED_DIRNAME, "loss_curve.png", "checkpoints")
 
@@ -90,6 +94,8 @@ def run_recipe(datamodule_class: type, defaults: dict[str, Any], args: Optional[
             raise
         print(f"{recipe}: error: {error}\n(python recipes/{recipe} --help lists every option)", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_STATUS)
+    except SIGTERMException:  # StopSignalCheckpoint has saved the run and said how to resume
+        sys.exit(STOPPED_BY_SIGTERM_EXIT_STATUS)
     except INPUT_ERRORS as error:
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise

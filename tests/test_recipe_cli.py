@@ -116,3 +116,20 @@ def test_lightnings_stop_line_is_dropped_only_where_the_progress_bar_already_say
     assert keep(record("`Trainer.fit` stopped: `max_steps=120` reached.")) is not terminal
     assert not keep(record("\N{ELECTRIC LIGHT BULB} Tip: try the cloud"))
     assert keep(record("Seed set to 0"))
+
+
+def test_a_run_stopped_by_sigterm_exits_143_not_0(monkeypatch):
+    import recipe_cli
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class StoppedBySigterm:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise SIGTERMException()  # what Lightning raises; a SystemExit without a status (exit 0)
+
+    monkeypatch.setattr(recipe_cli, "RecipeCLI", StoppedBySigterm)
+    with pytest.raises(SystemExit) as stopped:
+        recipe_cli.run_recipe(object, {})
+    assert stopped.value.code == 143

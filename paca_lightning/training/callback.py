@@ -7,16 +7,18 @@
 
 Each callback of the set does one job through Lightning's hooks:
 
-====================  ==========================================================================
-`PaCACallback`        adapts the module's model at ``setup`` (or checks the adaptation done in
-                      ``configure_model``), keeps the trained columns written into the weights,
-                      prints the trainable-parameter report
-`PaCACheckpointing`   adapter-only checkpoints, verified on load, atomic, exactly resumable
-`BatchSeeding`        seeds dropout from a batch's place in the run (what makes resume exact)
-`NonFiniteLossGuard`  stops before a NaN/inf loss reaches the optimizer
-`TrainingProgress`    tokens/s, samples/s, peak memory; plain progress lines
-`FitEndExport`        ``paca_adapter/`` and ``merged/`` when ``fit`` ends
-====================  ==========================================================================
+======================  ========================================================================
+`PaCACallback`          adapts the module's model at ``setup`` (or checks the adaptation done in
+                        ``configure_model``), keeps the trained columns written into the weights,
+                        prints the trainable-parameter report
+`PaCACheckpointing`     adapter-only checkpoints, verified on load, atomic, exactly resumable
+`StopSignalCheckpoint`  ``last.ckpt`` when SIGTERM stops the run (a pre-empted job resumes there)
+`BatchSeeding`          seeds dropout from a batch's place in the run (what makes resume exact)
+`NonFiniteLossGuard`    stops before a NaN/inf loss, gradient or weight reaches the weights or a
+                        checkpoint
+`TrainingProgress`      tokens/s, samples/s, peak memory; plain progress lines
+`FitEndExport`          ``paca_adapter/`` and ``merged/`` when ``fit`` ends
+======================  ========================================================================
 
 `PaCAFineTuneModule` adds the same set itself (`paca_lightning.training.module`).
 """
@@ -35,7 +37,7 @@ from torch import nn
 from ..config import PaCAConfig
 from ..model import apply_paca, paca_layers, sync_paca_columns, trainable_parameters
 from ..selection import Calibration
-from .checkpointing import PaCACheckpointing
+from .checkpointing import PaCACheckpointing, StopSignalCheckpoint
 from .exports import FitEndExport
 from .guards import NonFiniteLossGuard
 from .lookup import find_transformers_model
@@ -167,6 +169,7 @@ def paca_callbacks(config: Optional[PaCAConfig] = None, *, model_attribute: Opti
         callbacks.append(PaCACallback(config, model_attribute=model_attribute, calibration=calibration))
     return callbacks + [
         PaCACheckpointing(adapter_only=adapter_only_checkpoints, atomic=atomic_checkpoints),
+        StopSignalCheckpoint(),
         BatchSeeding(seed_each_batch),
         NonFiniteLossGuard(),
         TrainingProgress(log_throughput=log_throughput, progress_lines=progress_lines),

@@ -21,8 +21,10 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from ..atomic import atomic_write
@@ -192,6 +194,38 @@ class PaCACheckpointing(Callback):
                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
         sync_paca_columns(model)
         _resume_finished_epoch_at_next_epoch(trainer, checkpoint)
+
+
+class StopSignalCheckpoint(Callback):
+    """On SIGTERM (a batch scheduler pre-empting the job, ``kill``), saves ``last.ckpt`` where the
+    run's `ModelCheckpoint` keeps it, so the run resumes from where it stopped.
+
+    Lightning notices the signal at the end of the current batch and ends ``fit`` with
+    ``SIGTERMException``, which this callback sees first (``on_exception``; every rank takes part
+    in the save). A batch in the middle of a gradient-accumulation window is not a step boundary,
+    where no checkpoint would resume exactly; the previous one is kept then. ``SIGTERMException``
+    is a ``SystemExit`` without a status, so a script that lets it through exits with 0: the
+    recipes exit with 143 (128 + SIGTERM), as a shell reports a process SIGTERM ended.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        checkpointing = trainer.checkpoint_callback
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        at_step = progress.current.completed % trainer.accumulate_grad_batches == 0 or progress.is_last_batch
+        if isinstance(checkpointing, ModelCheckpoint) and checkpointing.dirpath is not None and at_step:
+            path = checkpointing.format_checkpoint_name({}, checkpointing.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(path)
+            checkpointing.last_model_path = path
+            kept = f"saved {path} at global step {trainer.global_step}"
+        else:
+            last = getattr(checkpointing, "last_model_path", "")
+            why = "the signal came inside a gradient-accumulation window" if at_step is False else \
+                "the run has no ModelCheckpoint"
+            kept = f"no checkpoint at the stop ({why}); the last one is {last or 'none'}"
+        rank_zero_info(f"Stopped by SIGTERM: {kept}. Resume with ckpt_path='last' (recipes: the same command "
+                       "plus --ckpt_path last)")
 
 
 def _name_or_path(model: nn.Module) -> str:

@@ -39,6 +39,7 @@ from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from ..model import paca_layers, set_paca_auto_sync
 from .callback import PaCACallback, adapt_for_training, paca_callbacks
+from .checkpointing import StopSignalCheckpoint
 from .guards import NonFiniteLossGuard
 from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
 from .progress import TrainingProgress
@@ -208,7 +209,7 @@ class PaCAFineTuneModule(LightningModule):
             if PaCACallback in present:
                 raise ValueError("PaCAFineTuneModule(method='lora') cannot run with a PaCACallback in the "
                                  "Trainer: it would apply PaCA to the LoRA model. Remove the PaCACallback")
-            wanted = [LoRACallback(), BatchSeeding(), NonFiniteLossGuard(), TrainingProgress()]
+            wanted = [LoRACallback(), StopSignalCheckpoint(), BatchSeeding(), NonFiniteLossGuard(), TrainingProgress()]
         else:
             wanted = paca_callbacks(self.paca)
         return [callback for callback in wanted if type(callback) not in present]
