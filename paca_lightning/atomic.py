@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -56,22 +57,21 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_directory(target.parent)
     _remove_orphans(target)
     return target
 
 
-def _remove_orphans(target: Path) -> None:
+def _remove_orphans(target: Path, directories: bool = False) -> None:
     host = re.escape(socket.gethostname())
     pattern = re.compile(rf"\.{re.escape(target.name)}\.{host}\.(\d+)\..*\.partial")
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
         match = pattern.fullmatch(leftover.name)
         if match and not _process_alive(int(match.group(1))):
-            leftover.unlink(missing_ok=True)
+            if directories and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -82,3 +82,49 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+def atomic_directory_write(path: Union[str, os.PathLike], write: Callable[[Path], None],
+                           last: tuple[str, ...] = ("config.json",)) -> Path:
+    """Call ``write(temporary_directory)``, then make its files appear in ``path``.
+
+    For exports such as ``save_pretrained`` folders, where a folder holding ``config.json`` but
+    not the weights would look finished. A new ``path`` appears in one rename; into an existing
+    ``path`` (other files there are kept) the files move one by one, each atomically, with
+    ``last`` (the files that mark a folder as usable) moved last. A crash or a full disk during
+    ``write`` leaves ``path`` as it was; a temporary folder left by a killed process is removed
+    by the next export of the same target.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".partial", dir=target.parent))
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o777 & ~_current_umask())  # mkdtemp makes folders private to their owner
+        for file in temporary.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if not target.exists():
+            os.replace(temporary, target)
+        else:
+            files = sorted((p for p in temporary.rglob("*") if p.is_file()), key=lambda p: p.name in last)
+            for file in files:
+                destination = target / file.relative_to(temporary)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, destination)
+            shutil.rmtree(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(target.parent)
+    _remove_orphans(target, directories=True)
+    return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -279,3 +279,22 @@ def test_plain_progress_lines_show_step_loss_throughput_and_eta(tmp_path, capsys
     pattern = r"step \d/6 \(\d+%\) \| loss \d+\.\d{4} \| [\d,]+ tokens/s \| [\d.,]+ samples/s \| peak [\d.]+ GB \| " \
               r"\d:\d\d:\d\d, ETA \d:\d\d:\d\d$"
     assert all(re.match(pattern, line) for line in lines), lines
+
+
+def test_a_merged_export_interrupted_by_a_full_disk_leaves_no_merged_folder(tmp_path, monkeypatch):
+    from paca_lightning.training import save_merged
+
+    model = adapt_for_training(make_tiny_llama(), CONFIG)
+    original = type(model).save_pretrained
+
+    def full_disk_after_the_config(self, folder, **kwargs):
+        self.config.save_pretrained(folder)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk_after_the_config)
+    with pytest.raises(OSError, match="No space left"):
+        save_merged(model, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(type(model), "save_pretrained", original)
+    save_merged(model, tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None

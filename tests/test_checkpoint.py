@@ -143,3 +143,56 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_a_clear_error(tmp_path, con
     with pytest.raises(ValueError, match=rf"{path} cannot be loaded as a checkpoint") as error:
         AtomicCheckpointIO().load_checkpoint(path)
     assert "weights_only=False" not in str(error.value)  # never the advice to unpickle it after all
+
+
+def _umask():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("Umask:")).split()[1], 8)
+
+
+def test_an_export_that_fails_midway_leaves_no_folder_that_looks_finished(tmp_path):
+    from paca_lightning.atomic import atomic_directory_write
+
+    def config_then_full_disk(folder):
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_directory_write(tmp_path / "merged", config_then_full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+    atomic_directory_write(tmp_path / "merged", lambda folder: (folder / "config.json").write_text('{"v": 1}'))
+    (tmp_path / "merged" / "notes.txt").write_text("the user's own file")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_directory_write(tmp_path / "merged", config_then_full_disk)
+    assert (tmp_path / "merged" / "config.json").read_text() == '{"v": 1}'  # the earlier export, untouched
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_export_has_the_usual_permissions_and_keeps_other_files_of_its_folder(tmp_path):
+    from paca_lightning.atomic import atomic_directory_write
+
+    def export(folder):
+        (folder / "model.safetensors").write_bytes(b"weights")
+        (folder / "config.json").write_text("{}")
+
+    target = atomic_directory_write(tmp_path / "merged", export)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    for file in target.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~_umask(), file.name
+    (target / "notes.txt").write_text("kept")
+    atomic_directory_write(target, export)
+    assert sorted(path.name for path in target.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+
+
+def test_a_full_disk_is_reported_as_such_naming_the_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, target)
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"could not write the checkpoint {target}: .* bytes free .*no space left"):
+        atomic_torch_save({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True)["step"] == 1

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..adapter import adapter_state, write_adapter
+from ..atomic import atomic_directory_write
 from ..model import paca_layers
 from ..quantized import QuantizedPaCALinear, dense_dtype_of, dequantize_weight, is_quantized_linear
 
@@ -189,8 +190,12 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
         with torch.device("meta"):
             plain = model_class._from_config(config)
         plain.load_state_dict(state, strict=True, assign=True)
-        plain.save_pretrained(str(directory))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(directory))
+
+        def write(folder: Path) -> None:
+            plain.save_pretrained(str(folder))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(folder))
+
+        atomic_directory_write(directory, write)
     _barrier()
     return Path(directory)

@@ -14,9 +14,12 @@ complete checkpoint or the new one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import pickle
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -85,7 +88,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def atomic_torch_save(obj: Any, path) -> None:
     """``torch.save(obj, path)`` such that ``path`` is never left partially written."""
-    atomic_write(path, lambda temporary: torch.save(obj, temporary))
+    try:
+        atomic_write(path, lambda temporary: torch.save(obj, temporary))
+    except RuntimeError as error:
+        # torch's zip writer reports a failed write as "[enforce fail at inline_container.cc] unexpected pos"
+        if "unexpected pos" not in str(error) and "failed writing" not in str(error):
+            raise
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OSError(errno.ENOSPC, f"could not write the checkpoint {path}: the write failed with "
+                      f"{free:,} bytes free on its disk (no space left?); the previous checkpoint is intact. "
+                      f"Free space or move --trainer.default_root_dir") from error
 
 
 class PaCACheckpointing(Callback):

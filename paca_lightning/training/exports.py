@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from ..adapter import save_adapter
+from ..atomic import atomic_directory_write
 from ..model import merge_paca, paca_layers, sync_paca_columns
 from ..parallel import export_merged, save_sharded_adapter
 from ..quantized import QuantizedPaCALinear
@@ -57,7 +58,8 @@ class FitEndExport(Callback):
 
 
 def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
-    """``save_pretrained`` the merged model without touching the live PaCA model.
+    """``save_pretrained`` the merged model without touching the live PaCA model; the folder's
+    files appear only once all of them are written (`paca_lightning.atomic.atomic_directory_write`).
 
     The weights already hold the trained columns (the PaCA invariant), so the merged state dict
     is the model's own minus PaCA's extra tensors: nothing is copied and training can continue.
@@ -66,17 +68,19 @@ def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; a merged export needs a "
                         "transformers model (disable it with FitEndExport(merged=False))")
-    directory = Path(directory)
     if any(isinstance(layer, QuantizedPaCALinear) for _, layer in paca_layers(model)):
         # A quantized base does not hold the trained columns; merging builds dense layers (a copy,
         # so the live model keeps training). Their dtype is the model's other parameters'.
-        model = merge_paca(copy.deepcopy(model))
-        model.save_pretrained(directory)
+        model, state = merge_paca(copy.deepcopy(model)), None
     else:
         sync_paca_columns(model)
         state = {key: value for key, value in model.state_dict().items()
                  if not key.endswith(_PACA_TENSOR_SUFFIXES)}
-        model.save_pretrained(directory, state_dict=state)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(directory)
-    return directory
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=state)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(folder)
+
+    # a crash or a full disk mid-export must not leave a folder that looks finished
+    return atomic_directory_write(directory, write)
