@@ -298,3 +298,18 @@ def test_a_merged_export_interrupted_by_a_full_disk_leaves_no_merged_folder(tmp_
     monkeypatch.setattr(type(model), "save_pretrained", original)
     save_merged(model, tmp_path / "merged")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+
+
+def test_a_checkpoint_whose_trained_tensors_changed_on_disk_is_refused(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["paca"]["trained_sha256"] is not None
+    tensor = next(iter(saved["state_dict"].values()))
+    tensor.view(-1)[0] = tensor.view(-1)[0] + 1e-3  # a few flipped bits inside the data
+    torch.save(saved, tmp_path / "last.ckpt")
+    resumed = quiet_trainer(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match="do not match the checksum recorded when it was saved"):
+        resumed.fit(PaCAFineTuneModule(make_tiny_llama(), CONFIG), loader(token_examples(4), 2),
+                    ckpt_path=tmp_path / "last.ckpt")

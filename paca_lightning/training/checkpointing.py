@@ -146,9 +146,10 @@ class PaCACheckpointing(Callback):
                         for name, layer in paca_layers(model)},
             "base": {"name_or_path": _name_or_path(model), "columns_sha256": self._base_fingerprint(model)},
         }
+        keep = set(_trainable_keys(pl_module))
+        checkpoint["paca"]["trained_sha256"] = _trained_digest(checkpoint.get("state_dict", {}), keep)
         if not self.adapter_only:
             return
-        keep = set(_trainable_keys(pl_module))
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keep}
         checkpoint["paca"]["adapter_only"] = True
 
@@ -183,6 +184,14 @@ class PaCACheckpointing(Callback):
             raise ValueError(f"the checkpoint was trained on another base model: its pretrained columns differ from "
                              f"this run's (checkpoint base {base['name_or_path']!r}, this run "
                              f"{_name_or_path(model)!r}). Resume on the base model the checkpoint was trained on")
+        recorded = saved.get("trained_sha256")  # None for sharded state and earlier versions
+        if recorded is not None:
+            # None when the strategy has already turned the loaded state into shards
+            current = _trained_digest(checkpoint.get("state_dict", {}), set(_trainable_keys(pl_module)))
+            if current is not None and current != recorded:
+                raise ValueError("the checkpoint's trained tensors do not match the checksum recorded when it was "
+                                 "saved: the file was modified or corrupted on disk. Resume from an earlier "
+                                 "checkpoint")
         prefix = prefix_of(pl_module, model)
         for name, layer in paca_layers(model):
             indices = saved["indices"].get(prefix + name + _INDICES_SUFFIX)
@@ -238,6 +247,20 @@ class StopSignalCheckpoint(Callback):
             kept = f"no checkpoint at the stop ({why}); the last one is {last or 'none'}"
         rank_zero_info(f"Stopped by SIGTERM: {kept}. Resume with ckpt_path='last' (recipes: the same command "
                        "plus --ckpt_path last)")
+
+
+def _trained_digest(state: dict[str, Any], keys: set[str]) -> Optional[str]:
+    """SHA-256 of the trained tensors of a state dict (the checkpoint's point), or None when they
+    are shards (DTensors: each rank holds another part) or not all present."""
+    tensors = [(key, state.get(key)) for key in sorted(keys)]
+    if not tensors or any(type(value) is not torch.Tensor and type(value) is not nn.Parameter
+                          for _, value in tensors):
+        return None
+    digest = hashlib.sha256()
+    for key, value in tensors:
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _name_or_path(model: nn.Module) -> str:
