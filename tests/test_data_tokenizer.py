@@ -45,3 +45,11 @@ def test_a_missing_local_model_path_is_named_as_such_not_as_a_bad_hub_name(tmp_p
         load_tokenizer(missing)
     with pytest.raises(FileNotFoundError, match="PaCAFineTuneModule model: .*no_such_model' does not exist"):
         PaCAFineTuneModule(missing).configure_model()
+
+
+def test_a_broken_chat_template_is_named_with_its_tokenizer(tmp_path):
+    tokenizer = load_tokenizer(TINY_LLAMA_DIR)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }"  # unclosed tag
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"chat template of tokenizer '{tmp_path}' .* cannot render a conversation"):
+        load_tokenizer(tmp_path)

@@ -221,3 +221,11 @@ def test_compiled_model_trains_like_the_eager_one_and_syncs_columns_outside_forw
     assert not any(layer.auto_sync for _, layer in paca_layers(compiled.model))
     assert_columns_in_weights(compiled.model)  # written by the callback after each optimizer step
     _assert_same_columns(trained_columns(eager.model), trained_columns(compiled.model), exact=False)
+
+
+def test_a_truncated_weights_file_is_named_with_its_model(tmp_path):
+    make_tiny_llama().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"could not load model '{tmp_path}': a .safetensors file of it is truncated"):
+        PaCAFineTuneModule(str(tmp_path)).configure_model()

@@ -89,4 +89,14 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerBase:
             raise ValueError(f"tokenizer {str(name_or_path)!r} has neither a pad nor an eos token; "
                              "set tokenizer.pad_token before building batches")
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is not None:
+        # a template that does not compile or render would otherwise fail deep in data preparation,
+        # naming neither the tokenizer nor the file the template came from
+        try:
+            turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+            tokenizer.apply_chat_template(turns, tokenize=False)
+        except Exception as error:  # jinja2 raises several types; every one means the same here
+            raise ValueError(f"the chat template of tokenizer {str(name_or_path)!r} (its chat_template.jinja or "
+                             f"tokenizer_config.json) cannot render a conversation: {type(error).__name__}: "
+                             f"{error}") from None
     return tokenizer

@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -193,6 +194,9 @@ class PaCAFineTuneModule(LightningModule):
             model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
         except OSError as error:
             raise OSError(f"PaCAFineTuneModule could not load model {self.model_name!r}: {error}") from error
+        except SafetensorError as error:  # a truncated or corrupt weights file; say which model it belongs to
+            raise ValueError(f"PaCAFineTuneModule could not load model {self.model_name!r}: a .safetensors file of "
+                             f"it is truncated or corrupt ({error}). Download or copy it again") from None
         # from_pretrained returns eval mode; Lightning keeps the mode it finds, so dropout would stay off.
         return model.train()
 
