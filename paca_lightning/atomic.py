@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
@@ -128,3 +129,43 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+LOCK_NAME = ".paca-lightning.lock"
+
+
+class FolderInUseError(OSError):
+    """Another live process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Hold ``folder/.paca-lightning.lock`` for the block: a second process asking for the same
+    folder meanwhile gets `FolderInUseError` naming the holder, instead of two runs writing
+    checkpoints and exports over each other. A lock left by a process that died on this host is
+    taken over; one held on another host (shared storage) is respected.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    ours = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.exists() else ""
+            host, _, pid = holder.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                lock.unlink(missing_ok=True)  # its process died: take the folder over
+                continue
+            raise FolderInUseError(f"{folder} is in use by another run (process {pid or '?'} on {host or '?'}, "
+                                   f"recorded in {lock}). Wait for it to end, or write this run elsewhere; "
+                                   f"if that process is gone, delete {lock}") from None
+        with os.fdopen(handle, "w") as file:
+            file.write(ours + "\n")
+        break
+    try:
+        yield lock
+    finally:
+        if lock.exists() and lock.read_text().strip() == ours:
+            lock.unlink()

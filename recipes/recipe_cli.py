@@ -11,6 +11,7 @@ merged model, the loss curve and the checkpoints were written.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -30,6 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from paca_lightning import PaCAConfig
+from paca_lightning.atomic import folder_lock
 from paca_lightning.training import (
     ADAPTER_DIRNAME,
     LORA_ADAPTER_DIRNAME,
@@ -282,7 +284,15 @@ class RecipeCLI(LightningCLI):
             torch.set_num_threads(self.config.cpu_threads)
 
     def fit(self) -> L.Trainer:
-        """Train with the parsed configuration (resuming from ``--ckpt_path``), then print the report."""
+        """Train with the parsed configuration (resuming from ``--ckpt_path``), then print the report.
+
+        Rank 0 holds the run folder's lock meanwhile: a second run started into the same folder
+        is refused instead of writing checkpoints and exports over this one's."""
+        root = Path(self.trainer.default_root_dir)
+        with folder_lock(root) if self.trainer.is_global_zero else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> L.Trainer:
         self._claim_run_folder()
         checkpoint = self.trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath is None:

@@ -196,3 +196,21 @@ def test_a_full_disk_is_reported_as_such_naming_the_checkpoint(tmp_path, monkeyp
         atomic_torch_save({"step": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["step"] == 1
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
+    from paca_lightning.atomic import LOCK_NAME, FolderInUseError, folder_lock
+
+    with folder_lock(tmp_path):
+        with pytest.raises(FolderInUseError, match=rf"{tmp_path} is in use by another run \(process {os.getpid()}"):
+            with folder_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(f"{socket.gethostname()} {int(finished.stdout)}\n")  # a killed run's lock
+    with folder_lock(tmp_path) as lock:
+        assert lock.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    (tmp_path / LOCK_NAME).write_text(f"other-host {int(finished.stdout)}\n")  # shared storage: not ours to judge
+    with pytest.raises(FolderInUseError, match="on other-host"):
+        with folder_lock(tmp_path):
+            pass
