@@ -16,6 +16,8 @@ from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d, is_plain_l
 from .quantized import (
     QuantizedPaCALinear,
     check_quantized_targets,
+    dense_dtype_of,
+    dequantize_model,
     dequantize_weight,
     drop_quantization_markers,
     import_bitsandbytes,
@@ -240,17 +242,23 @@ def merge_paca(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     The result is a plain model (``save_pretrained`` works; loading it needs no paca_lightning)
     with zero inference overhead. Works in place and returns ``model``.
 
-    Layers on a bitsandbytes base (QPaCA) become dense ``nn.Linear`` layers in ``dtype``
-    (default: the dtype of the model's other parameters) whose trained columns are exactly
-    ``scaling * paca_weight``; with ``requantize=True`` they are quantized again in the base's
-    format instead (lossy: trained values are rounded). Both options apply to such layers only.
+    Layers on a bitsandbytes base (QPaCA) become dense layers in ``dtype`` (default: the dtype of
+    the model's other parameters) whose trained columns are exactly ``scaling * paca_weight``, in
+    the model's own layout (a GPT-2 ``Conv1D`` stays a ``Conv1D``), and so do bitsandbytes layers
+    PaCA did not adapt: the result is a dense model. With ``requantize=True`` the adapted layers
+    are quantized again in the base's format instead (lossy: trained values are rounded) and the
+    others stay quantized. Both options apply to models with such layers only.
     """
     quantized = [name for name, layer in paca_layers(model) if isinstance(layer, QuantizedPaCALinear)]
     if (dtype is not None or requantize) and not quantized:
         raise ValueError("merge_paca(dtype=..., requantize=...) applies to PaCA layers on a bitsandbytes "
                          "base, and this model has none; call merge_paca(model)")
+    export_dtype = dtype or dense_dtype_of(model)
     _release_all(model, merged=True, quantized_export={"dtype": dtype, "requantize": requantize})
     if quantized and not requantize:
+        # bitsandbytes layers PaCA did not adapt go dense too: a checkpoint mixing dense layers with
+        # a quantization record crashes on its first forward after loading
+        dequantize_model(model, export_dtype)
         drop_quantization_markers(model)
     return model
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PaCALayer, as_function_output, is_conv1d, is_plain_linear, validated_indices
+from .layers import Conv1D, PaCALayer, as_function_output, is_conv1d, is_plain_linear, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
@@ -119,9 +119,56 @@ def _int8_row_scales(module: nn.Module) -> torch.Tensor:
     return scales
 
 
+def replaced_conv1d(module: nn.Module) -> bool:
+    """Whether transformers made this bitsandbytes layer from a GPT-2 ``Conv1D`` (it records the
+    original class as ``source_cls``): its weight is stored out x in, the model's config expects
+    a ``Conv1D`` (in x out) in a dense checkpoint."""
+    source = getattr(module, "source_cls", None)
+    return Conv1D is not None and isinstance(source, type) and issubclass(source, Conv1D)
+
+
+def dense_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], conv1d: bool) -> nn.Module:
+    """A plain layer over an (out x in) dense ``weight``: ``nn.Linear``, or a ``Conv1D`` holding the
+    transpose where the model was built with one, so a saved checkpoint loads as the config says."""
+    out_features, in_features = weight.shape
+    if conv1d:
+        layer = Conv1D(out_features, in_features)
+        layer.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+    else:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.bias = bias
+    return layer
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes layer left in ``model`` by its dense equivalent in ``dtype``."""
+    for name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            bias = None if module.bias is None else nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    dense_layer(dequantize_weight(module, dtype), bias, replaced_conv1d(module)))
+
+
+def restore_standard_layout(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit layer's bytes, in place.
+
+    bitsandbytes repacks 4-bit weights for its fused CPU inference kernel on a forward without
+    grad, rounding the block scales to bfloat16 as it does. Dequantizing reads the standard
+    layout: restore it, with the scales as bitsandbytes left them.
+    """
+    state = _quant_state(module)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            module.weight.data, state)
+
+
 def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The (out x in) dequantized weight of a bitsandbytes layer in ``dtype``: one new tensor."""
     if quantized_kind(module) == "4bit":
+        restore_standard_layout(module)
         return dequantize_4bit(module.weight.data, _quant_state(module), dtype)
     return dequantize_int8(module.weight.data, _int8_row_scales(module), dtype)
 
@@ -294,14 +341,7 @@ class QuantizedPaCALinear(PaCALayer):
                             "not a frozen quantized base; PaCA adapts Linear8bitLt(has_fp16_weights=False) "
                             "as transformers' BitsAndBytesConfig(load_in_8bit=True) builds it")
         if kind == "4bit":
-            state = _quant_state(base)
-            if getattr(state, "packing_format_for_cpu", False):
-                # bitsandbytes repacks 4-bit weights for its fused CPU inference kernel on an eval
-                # forward without grad, rounding the block scales to bfloat16 as it does. PaCA
-                # dequantizes the standard layout: restore it, with the scales as bitsandbytes left them.
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-                base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    base.weight.data, state)
+            restore_standard_layout(base)
         self.kind = kind
         self.transposed = False
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -418,13 +458,13 @@ class QuantizedPaCALinear(PaCALayer):
             weight = self.effective_weight(self.paca_weight, dtype)
             bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype),
                                                                requires_grad=self.bias.requires_grad)
-        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
-        dense.weight = nn.Parameter(weight, requires_grad=False)
-        dense.bias = bias
         if not requantize:
-            return dense
+            return dense_layer(weight, bias, replaced_conv1d(self.quantized_base))
+        dense = dense_layer(weight, bias, conv1d=False)
         if self.kind == "8bit":
-            return quantize_linear(dense, "int8")
+            layer = quantize_linear(dense, "int8")
+            layer.source_cls = getattr(self.quantized_base, "source_cls", nn.Linear)
+            return layer
         state = self.quant_state
         bnb = import_bitsandbytes("requantize=True")
         layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None,
@@ -436,6 +476,7 @@ class QuantizedPaCALinear(PaCALayer):
         with backend_errors(state.quant_type, weight.device):
             layer.weight = layer.weight._quantize(weight.device)
         layer.bias = bias
+        layer.source_cls = getattr(self.quantized_base, "source_cls", nn.Linear)  # as transformers records it
         return layer
 
     def base_module(self) -> nn.Module:

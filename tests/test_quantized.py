@@ -454,3 +454,46 @@ def test_an_unmerged_qpaca_model_saves_with_save_pretrained(quantize, tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj._extra_state" in saved
+
+
+_LOAD_PLAIN = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7, 2]])).logits
+torch.save(logits, sys.argv[2])
+assert "paca_lightning" not in sys.modules and "bitsandbytes" not in sys.modules
+"""
+
+
+def _plain_logits(directory, tmp_path):
+    """The saved model's logits, computed by plain transformers in a process without paca_lightning."""
+    import subprocess
+
+    out = tmp_path / "logits.pt"
+    result = subprocess.run([sys.executable, "-c", _LOAD_PLAIN, str(directory), str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, targets", [("gpt2", "all-linear"), ("gpt2", ["c_attn"]),
+                                             ("llama", ["q_proj", "v_proj"])],
+                         ids=["gpt2-conv1d-all", "gpt2-conv1d-some", "llama-some"])
+def test_a_merged_4bit_model_keeps_the_base_layout_and_loads_with_plain_transformers(tmp_path, family, targets):
+    """GPT-2's Conv1D layers come back as Conv1D (in x out), and bitsandbytes layers PaCA did not
+    adapt go dense too: the export is a dense model of the original architecture."""
+    base = tmp_path / "base"
+    (make_tiny_gpt2(seed=2) if family == "gpt2" else make_tiny_llama(seed=2)).save_pretrained(base)
+    model = apply_paca(load_4bit(base, "nf4", True), PaCAConfig(rank=4, alpha=8, target_modules=targets))
+    perturb_columns(model)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    # with gradients on (train mode; no dropout in these models): bitsandbytes' CPU inference path
+    # repacks the layers PaCA left alone, and fails on these tiny shapes
+    trained = model(input_ids=ids).logits.detach()
+    merge_paca(model).save_pretrained(tmp_path / "merged")
+    if family == "gpt2":
+        assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(_plain_logits(tmp_path / "merged", tmp_path), trained, rtol=1e-4, atol=1e-4)

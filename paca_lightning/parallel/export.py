@@ -23,7 +23,13 @@ from torch.distributed.tensor import DTensor
 from ..adapter import adapter_state, write_adapter
 from ..atomic import atomic_directory_write
 from ..model import paca_layers
-from ..quantized import QuantizedPaCALinear, dense_dtype_of, dequantize_weight, is_quantized_linear
+from ..quantized import (
+    QuantizedPaCALinear,
+    dense_dtype_of,
+    dequantize_weight,
+    is_quantized_linear,
+    replaced_conv1d,
+)
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
 _WRAPPER_NAME_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -159,9 +165,12 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
             weight.index_copy_(0, indices, columns.t())
         else:
             weight.index_copy_(1, indices, columns)
+        if isinstance(layer, QuantizedPaCALinear) and replaced_conv1d(layer.quantized_base):
+            state[prefix + "weight"] = weight.t().contiguous()  # the model's Conv1D layout (in x out)
     for name, module in inner.named_modules():
         if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
-            state[f"{clean_name(name)}.weight"] = dequantize_weight(module, dense_dtype_of(inner)).cpu()
+            weight = dequantize_weight(module, dense_dtype_of(inner)).cpu()
+            state[f"{clean_name(name)}.weight"] = weight.t().contiguous() if replaced_conv1d(module) else weight
     return state
 
 
