@@ -225,7 +225,7 @@ class MMLUDataModule(L.LightningDataModule):
         self.truncated = self.shortened = 0
 
     def _rows(self, split: str) -> list[dict]:
-        rows = load_split(self.data_path, split, what="MMLU", hub_config=self.hub_config, skipped=self.skipped)
+        rows = load_split(self.data_path, split, what="MMLU", hub_config=self.hub_config)
         return normalize_rows(rows, self.skipped, self.subjects)
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -241,7 +241,7 @@ class MMLUDataModule(L.LightningDataModule):
         self.letter_ids = letter_token_ids(self.tokenizer)
         # auxiliary_train has no subject; filtering it by subject would empty it
         train_rows = normalize_rows(load_split(self.data_path, self.train_split, what="MMLU",
-                                               hub_config=self.hub_config, skipped=self.skipped), self.skipped)
+                                               hub_config=self.hub_config), self.skipped)
         eval_rows, dev_rows = self._rows(self.eval_split), self._rows(self.dev_split)
         if not eval_rows:
             raise ValueError(f"MMLU {self.eval_split!r} split at {self.data_path!r} has no usable question "

@@ -217,11 +217,10 @@ class OASST1DataModule(L.LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.skipped, self.truncated = SkipCounter(), 0
-        train_rows = load_split(self.data_path, "train", what="OASST1", skipped=self.skipped)
+        train_rows = load_split(self.data_path, "train", what="OASST1")
         val_rows = None
         if not Path(self.data_path).is_file():
-            val_rows = load_split(self.data_path, "validation", what="OASST1", required=False,
-                                  skipped=self.skipped)
+            val_rows = load_split(self.data_path, "validation", what="OASST1", required=False)
         train = conversations_from_rows(train_rows, self.languages, self.skipped)
         val = conversations_from_rows(val_rows, self.languages, self.skipped) if val_rows else []
         rng = random.Random(self.seed)

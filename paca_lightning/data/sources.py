@@ -6,7 +6,6 @@ either recipe at local files in the real schema the same way they would name the
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -34,57 +33,13 @@ def local_split_files(source: Path, split: str) -> list[Path]:
             if p.name.startswith(split) or any(part == split for part in p.relative_to(source).parts[:-1])]
 
 
-def read_json_rows(path: Path, skipped: Optional[Counter] = None) -> list[dict]:
-    """The objects of a ``.jsonl`` file (one per line) or a ``.json`` file (a list of objects, or
-    JSON lines), parsed here rather than by Arrow's JSON reader, which crashes the process on a
-    line holding ``null`` and fails a whole file on one bad line without saying which.
-
-    Lines that are not JSON objects are skipped and counted in ``skipped`` under a reason naming
-    the file and the first such line; without ``skipped`` the first one raises, naming it.
-    """
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); a .json file holds a list of "
-                             "objects or one object per line") from None
-        numbered = list(enumerate(items, start=1))
-        unit = "item"
-    else:
-        numbered, unit = [], "line"
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    numbered.append((number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    numbered.append((number, error))
-    rows, bad = [], []
-    for number, value in numbered:
-        if isinstance(value, dict):
-            rows.append(value)
-        else:
-            problem = f"not JSON ({value.msg})" if isinstance(value, json.JSONDecodeError) else \
-                f"{json.dumps(value)[:40]} is not a JSON object"
-            bad.append((number, problem))
-    if bad:
-        first_number, first_problem = bad[0]
-        if skipped is None:
-            raise ValueError(f"{path}: {unit} {first_number}: {first_problem} ({len(bad)} such {unit}s); "
-                             "each row must be a JSON object")
-        skipped[f"{unit}s of {path.name} that are not JSON objects (first: {unit} {first_number}, "
-                f"{first_problem})"] += len(bad)
-    return rows
-
-
 def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] = None,
-               required: bool = True, skipped: Optional[Counter] = None) -> Optional[list[dict]]:
+               required: bool = True) -> Optional[list[dict]]:
     """Rows of ``split`` from ``source`` (a local file or directory, or a hub dataset name).
 
     Returns ``None`` for a missing split when ``required`` is false. Raises with the fix in the
     message when the source cannot be read: offline with a hub name, or a path that holds no
-    json/jsonl/parquet files for the split. Local JSON lines that are not objects are counted in
-    ``skipped`` (see `read_json_rows`).
+    json/jsonl/parquet files for the split.
     """
     import datasets
 
@@ -104,12 +59,7 @@ def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] 
         bars_were_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a bar per small local file is noise, not progress
         try:
-            if _builder_for(files) == "json":
-                # every row as Arrow would give it (missing keys as None), without Arrow's JSON reader
-                rows = [row for f in files for row in read_json_rows(f, skipped)]
-                dataset = datasets.Dataset.from_list(rows)
-            else:
-                dataset = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+            dataset = datasets.load_dataset(_builder_for(files), data_files=[str(f) for f in files], split="train")
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:
             cause = error.__cause__ or error
             raise ValueError(f"{what}: cannot read split {split!r} from {[str(f) for f in files][:3]}: "
