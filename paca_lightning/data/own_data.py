@@ -23,7 +23,7 @@ format                 columns (rename others with ``columns``)               sc
 Conversations are rendered with the tokenizer's chat template (``chat_template`` sets or
 replaces it); a turn's scored characters are found by rendering the conversation prefix by
 prefix, as in :mod:`paca_lightning.data.collation`, and the end-of-turn token is scored with
-its reply. ``train_on_prompt`` scores every token instead.
+its reply (whitespace the template writes after it is not). ``train_on_prompt`` scores every token instead.
 
 A row that does not fit its format (an unknown role, an empty conversation, no assistant
 turn, a missing value) stops preparation with the source, the row number and the value, unless
@@ -287,7 +287,8 @@ class RowEncoder:
                 raise ValueError(f"the chat template of {tokenizer.name_or_path!r} does not render conversations "
                                  "prefix by prefix (an earlier turn changes when a later one is added), so assistant "
                                  "tokens cannot be located; give another with --data.chat_template")
-            spans.append((len(before), len(through)))
+            # whitespace the template writes after the end-of-turn token is layout, never generated
+            spans.append((len(before), len(through.rstrip())))
         # the template writes BOS itself when it wants one; the tokenizer must not add a second
         add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
         encoding = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
