@@ -466,10 +466,9 @@ class OwnDataModule(L.LightningDataModule):
     def summary(self, source: str) -> str:
         rows = "packed rows" if self.packing else "examples"
         validation = len(self.val_dataset) if self.val_dataset is not None else 0
-        scored = "tokens" if self.train_on_prompt or self.resolved_format == "text" else "assistant tokens"
         return (f"data: {source} read as format {self.resolved_format!r}"
                 f"{' (auto)' if self.format == 'auto' else ''}: {len(self.train_dataset)} training and {validation} "
-                f"validation {rows}, {self.trained_tokens:,} {scored} scored; {self.truncated} rows truncated to "
+                f"validation {rows}, {self.trained_tokens:,} training tokens scored; {self.truncated} rows truncated to "
                 f"{self.max_length} tokens; {self.skipped_report()}")
 
     def _loader(self, dataset, shuffle: bool) -> StatefulDataLoader:
