@@ -240,3 +240,19 @@ def test_skip_invalid_rows_skips_counts_and_reports_each_reason(tmp_path, capsys
     assert module.skipped == {"unknown role": 1, "empty conversation": 1, "no assistant turn": 1}
     out = capsys.readouterr().out
     assert "skipped 1 unknown role (first: " in out and "row 2:" in out
+
+
+def test_every_example_row_in_the_docs_reads_as_the_format_it_illustrates(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "your-own-data.md").read_text()
+    sections = re.split(r"\n\*\*(\w+)\*\*", doc)[1:]
+    seen = set()
+    for name, body in zip(sections[::2], sections[1::2]):
+        for block in re.findall(r"```json\n(.*?)```", body, re.DOTALL):
+            for number, line in enumerate(block.splitlines()):
+                module = prepare(tmp_path, [json.loads(line)], name=f"{name}{number}.jsonl")
+                assert module.resolved_format == name and len(module.train_dataset) == 1
+                seen.add(name)
+    assert seen == {"messages", "instruction", "prompt_completion", "text"}
