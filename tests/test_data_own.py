@@ -214,6 +214,15 @@ def test_an_empty_conversation_and_one_without_an_assistant_turn_are_refused_by_
 def test_an_empty_file_is_refused(tmp_path):
     assert "data.jsonl is empty" in bad(tmp_path, "")
     assert "is empty" in bad(tmp_path, "\n  \n")
+    assert "data.json holds an empty list" in bad(tmp_path, "[]", name="data.json")
+    assert "data.csv'] holds no rows" in bad(tmp_path, "prompt,completion\n", name="data.csv")
+
+
+def test_a_validation_path_gives_the_validation_rows(tmp_path):
+    line = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    validation = write(tmp_path / "held_out.jsonl", [line] * 3)
+    module = prepare(tmp_path, [line] * 5, validation_path=str(validation), validation_fraction=0.5)
+    assert (len(module.train_dataset), len(module.val_dataset)) == (5, 3)
 
 
 def test_auto_refuses_columns_it_cannot_place(tmp_path):

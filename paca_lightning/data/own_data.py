@@ -104,6 +104,8 @@ def load_files(files: list[Path]):
         dataset = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:
         cause = error.__cause__ or error
+        if "corresponds to no data" in str(cause):  # a CSV with only its header row
+            raise ValueError(f"{[str(f) for f in files][:3]} holds no rows") from None
         raise ValueError(f"cannot read {[str(f) for f in files][:3]}: {type(cause).__name__}: {cause}. "
                          "Every row needs the same columns with values of one kind (text, list, ...)") from None
     finally:
@@ -468,8 +470,8 @@ class OwnDataModule(L.LightningDataModule):
         validation = len(self.val_dataset) if self.val_dataset is not None else 0
         return (f"data: {source} read as format {self.resolved_format!r}"
                 f"{' (auto)' if self.format == 'auto' else ''}: {len(self.train_dataset)} training and {validation} "
-                f"validation {rows}, {self.trained_tokens:,} training tokens scored; {self.truncated} rows truncated to "
-                f"{self.max_length} tokens; {self.skipped_report()}")
+                f"validation {rows}, {self.trained_tokens:,} training tokens scored; {self.truncated} rows "
+                f"truncated to {self.max_length} tokens; {self.skipped_report()}")
 
     def _loader(self, dataset, shuffle: bool) -> StatefulDataLoader:
         return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,

@@ -112,6 +112,8 @@ def check_json_rows(path: Path) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not valid JSON ({error}); expected a list of objects, or one object "
                              "per line") from None
+        if items == []:
+            raise ValueError(f"{path} holds an empty list: it needs JSON objects, one per row")
         for number, item in enumerate(items if isinstance(items, list) else [items], start=1):
             if not isinstance(item, dict):
                 raise ValueError(f"{path}: item {number} of the list is {_shown(item)}, not a JSON object "
