@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -156,7 +156,9 @@ class OwnDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, path: str, format: str = "auto", columns: Optional[dict[str, str]] = None,
+    def __init__(self, path: str,
+                 format: Literal["auto", "messages", "instruction", "prompt_completion", "text"] = "auto",
+                 columns: Optional[dict[str, str]] = None,
                  subset: Optional[str] = None, split: str = "train", validation_path: Optional[str] = None,
                  validation_fraction: float = 0.1, tokenizer: str = str(TINY_LLAMA_DIR),
                  chat_template: Optional[str] = None, train_on_prompt: bool = False,
