@@ -243,7 +243,7 @@ def test_an_empty_or_unreadable_local_file_is_named_with_what_was_expected(tmp_p
         OASST1DataModule(data_path=str(empty)).setup("fit")
     garbled = tmp_path / "garbled.jsonl"
     garbled.write_text("this is not json\n{also not\n")
-    with pytest.raises(ValueError, match=r"cannot read split 'train' from .*garbled.jsonl.*Expected JSON"):
+    with pytest.raises(ValueError, match=r"garbled.jsonl, line 1: not JSON .*'this is not json'"):
         OASST1DataModule(data_path=str(garbled)).setup("fit")
     import datasets
 

@@ -6,6 +6,7 @@ either recipe at local files in the real schema the same way they would name the
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -56,6 +57,8 @@ def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] 
         if empty:
             raise ValueError(f"{what}: {empty[:3]} {'is' if len(empty) == 1 else 'are'} empty; split {split!r} "
                              "needs rows in the dataset's schema")
+        for file in files:
+            check_json_rows(file)
         bars_were_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # a bar per small local file is noise, not progress
         try:
@@ -87,6 +90,52 @@ def load_split(source: str, split: str, *, what: str, hub_config: Optional[str] 
             f"loaded as a hub dataset{hint}: {error}\nOffline, point at local files "
             f"in the same schema instead, e.g. --data.data_path=/path/to/{split}.jsonl or a directory "
             "holding train/validation .jsonl or .parquet files.") from None
+
+
+def check_json_rows(path: Path) -> None:
+    """Raise, naming the file and the line (or list item), unless a .json/.jsonl file holds only
+    JSON objects: one per line, or one JSON list of them. Other files are left alone.
+
+    pyarrow's JSON reader, which ``datasets`` uses, ends the whole process on a line holding
+    ``null`` and reports other bad lines without their number, so the rows are checked here,
+    one line at a time, before Arrow sees them.
+    """
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return
+    with open(path, "rb") as stream:
+        head = stream.read(4096).lstrip()
+    if not head:
+        raise ValueError(f"{path} is empty: it needs JSON objects, one per line (or a JSON list of them)")
+    if head.startswith(b"["):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); expected a list of objects, or one object "
+                             "per line") from None
+        if items == []:
+            raise ValueError(f"{path} holds an empty list: it needs JSON objects, one per row")
+        for number, item in enumerate(items if isinstance(items, list) else [items], start=1):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: item {number} of the list is {_shown(item)}, not a JSON object "
+                                 "({\"column\": value, ...})")
+        return
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error.msg}): {_shown(line.strip())}. Each line "
+                                 "must hold one JSON object") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: {_shown(row)} is not a JSON object; each line must hold "
+                                 "one object ({\"column\": value, ...})")
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 class SkipCounter(Counter):
