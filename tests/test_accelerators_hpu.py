@@ -16,7 +16,6 @@ import textwrap
 import fake_habana
 import pytest
 import torch
-from conftest import make_tiny_llama
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import AcceleratorRegistry, CPUAccelerator
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -40,6 +39,7 @@ from paca_lightning.accelerators import (
     strategies,
     synchronize_device,
 )
+from tests.helpers import make_tiny_llama
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 

@@ -4,11 +4,11 @@ import stat
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
 from safetensors.torch import load_file
 
 from paca_lightning import PaCAConfig, apply_paca, load_adapter, paca_layers, save_adapter
 from paca_lightning.adapter import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from tests.helpers import make_tiny_gpt2, make_tiny_llama, token_batch
 
 
 def trained(model, config, steps=2):

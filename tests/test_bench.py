@@ -187,7 +187,7 @@ def test_results_are_on_disk_before_the_long_qlora_phase_starts(tmp_path, monkey
 
 def test_lora_runs_as_peft_builds_it_by_default_and_lora_native_in_the_models_dtype():
     """peft keeps float32 adapters on a bf16 model by default; the authors' bf16 runs did not."""
-    from tests.conftest import make_tiny_llama
+    from tests.helpers import make_tiny_llama
 
     adapters = {}
     for method in ("lora", "lora_native"):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from paca_lightning import PaCACallback, PaCAConfig, PaCAFineTuneModule, load_adapter, paca_layers
 from paca_lightning.training import AtomicCheckpointIO, NonFiniteLossError, adapt_for_training, paca_callbacks
 from paca_lightning.training.lookup import find_transformers_model
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 from tests.lightning_helpers import assert_columns_in_weights, loader, quiet_trainer, token_examples, trained_columns
 
 CONFIG = PaCAConfig(rank=4, alpha=8)

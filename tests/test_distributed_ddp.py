@@ -1,7 +1,8 @@
 """DDP with PaCA: every rank holds whole weights and the forward-time column sync is exact."""
 
 import pytest
-from distributed.launch import results
+
+from tests.distributed.launch import results
 
 TOLERANCE = 2e-5
 PLAIN = "plain_torch_worker.py"

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama, token_batch
-from distributed.launch import results
 
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
 from paca_lightning.parallel import use_delta_form
 from paca_lightning.training import PaCAFSDPStrategy
+from tests.distributed.launch import results
+from tests.helpers import make_tiny_gpt2, make_tiny_llama, token_batch
 
 TOLERANCE = 2e-5
 PLAIN = "plain_torch_worker.py"

@@ -6,11 +6,11 @@ the merged weights; the shared launch also serves the FSDP1 and DDP tests.
 """
 
 import pytest
-from conftest import make_tiny_llama
-from distributed.launch import results
 from torch import nn
 
 from paca_lightning.parallel import decoder_layers, shard_paca_model
+from tests.distributed.launch import results
+from tests.helpers import make_tiny_llama
 
 # fp32, 3 AdamW steps at lr 2e-2: sharded reductions reorder sums, nothing more.
 TOLERANCE = 2e-5
@@ -147,10 +147,9 @@ def test_lightning_fsdp2_trains_qpaca_and_exports_its_adapter_and_a_dense_merged
 
 
 def test_the_fsdp2_placement_switches_forward_time_column_writes_off():
-    from conftest import make_tiny_gpt2
-
     from paca_lightning import PaCAConfig, apply_paca, paca_layers
     from paca_lightning.parallel import paca_shard_placement
+    from tests.helpers import make_tiny_gpt2
 
     model = apply_paca(make_tiny_gpt2(), PaCAConfig(rank=4))
     placement = paca_shard_placement(model)

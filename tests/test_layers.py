@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import saved_bytes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from paca_lightning import PaCALinear
 from paca_lightning.layers import PaCAFunction
+from tests.helpers import saved_bytes
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
              torch.float16: dict(rtol=2e-3, atol=2e-3)}

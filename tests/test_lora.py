@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from paca_lightning import PaCACallback, PaCAConfig, PaCAFineTuneModule, paca_layers
 from paca_lightning.training.lora import LORA_ADAPTER_DIRNAME, LoRASettings
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 from tests.lightning_helpers import loader, quiet_trainer, token_examples
 from tests.test_recipes import RECIPES, printed_path, run_recipe
 

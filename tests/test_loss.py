@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from paca_lightning.loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
-from tests.conftest import make_tiny_llama, saved_bytes, token_batch
+from tests.helpers import make_tiny_llama, saved_bytes, token_batch
 
 
 def _inputs(vocab=97, hidden=24, batch=3, length=11, seed=0, ignored=True):

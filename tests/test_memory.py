@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import saved_bytes
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
+from tests.helpers import saved_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, LENGTH, RANK = 2, 512, 16

@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, make_tiny_mixtral, token_batch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -19,6 +18,7 @@ from paca_lightning import (
     unload_paca,
 )
 from paca_lightning.selection import random_columns
+from tests.helpers import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, make_tiny_mixtral, token_batch
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from paca_lightning import PaCAConfig, PaCAFineTuneModule, paca_layers
 from paca_lightning.training.module import warmup_cosine_factor
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 from tests.lightning_helpers import assert_columns_in_weights, loader, quiet_trainer, token_examples, trained_columns
 
 CONFIG = PaCAConfig(rank=4, alpha=8)

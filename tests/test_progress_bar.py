@@ -2,7 +2,7 @@
 
 from paca_lightning import PaCAConfig, PaCAFineTuneModule
 from paca_lightning.training import StepProgressBar
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 from tests.lightning_helpers import loader, quiet_trainer, token_examples
 
 

@@ -7,7 +7,6 @@ import bitsandbytes
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-from conftest import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, saved_bytes, token_batch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -23,6 +22,7 @@ from paca_lightning import (
     unload_paca,
 )
 from paca_lightning.quantized import QuantizedPaCALinear
+from tests.helpers import make_tiny_falcon, make_tiny_gpt2, make_tiny_llama, saved_bytes, token_batch
 
 FOUR_BIT = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 
 MAX_STEPS = 10          # 6 optimizer steps per epoch: the run crosses into epoch 2
 CHECKPOINT_EVERY = 3    # checkpoints at steps 3, 6 (the end of epoch 1), 9
@@ -36,7 +36,7 @@ def train(root: Path, kill_at: int, resume: bool, term_at: int = 0) -> None:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     from paca_lightning import PaCAConfig, PaCAFineTuneModule
-    from tests.conftest import make_tiny_llama
+    from tests.helpers import make_tiny_llama
     from tests.lightning_helpers import token_examples
 
     class KillAtStep(Callback):
