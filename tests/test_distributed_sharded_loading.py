@@ -59,16 +59,23 @@ def test_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
     largest_file = max(path.stat().st_size for path in (tmp_path / "model").glob("*.safetensors"))
     del model
     ranks = launch(tmp_path, "memory-sharded", tmp_path / "model")["ranks"]
+    today = launch(tmp_path, "memory-full", tmp_path / "model")["ranks"]  # every rank loads the whole model
     world = len(ranks)
+
+    def growth(peaks):
+        return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
+
     print(f"model {model_bytes >> 20} MiB, layer {layer_bytes >> 20} MiB, largest file {largest_file >> 20} MiB; "
-          "per-rank VmHWM growth (MiB) after setup / after 2 steps: "
-          f"{[((r['ready'] - r['start']) >> 20, (r['trained'] - r['start']) >> 20) for r in ranks]}")
+          f"per-rank VmHWM growth (MiB) after setup / after 2 steps: sharded {[growth(r) for r in ranks]}, "
+          f"whole model per rank {[growth(r) for r in today]}")
     share = model_bytes / world + 2 * layer_bytes
-    for rank, peaks in enumerate(ranks):
+    for rank, (peaks, whole) in enumerate(zip(ranks, today)):
         setup = peaks["ready"] - peaks["start"]
         assert setup <= share + (largest_file if rank == 0 else 0), (rank, setup, share)
-        # training adds FSDP2's gathered layers and activations, but no rank ever holds the model
-        assert peaks["trained"] - peaks["start"] < model_bytes, (rank, peaks, model_bytes)
+        # the steps add FSDP2's gathered layers (each with its all-gather buffer, the next one
+        # prefetched) to the share; still at least half the model below loading it whole
+        assert peaks["trained"] - peaks["start"] + model_bytes / 2 <= whole["trained"] - whole["start"], (
+            rank, peaks, whole)
 
 
 def test_meta_build_applies_paca_without_allocating_weights(tmp_path):
