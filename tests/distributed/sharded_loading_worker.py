@@ -123,7 +123,68 @@ def memory(out: Path, checkpoint: str, sharded: bool) -> dict:
     return {"ranks": everyone}
 
 
+def lightning(out: Path, checkpoint: str) -> dict:
+    """PaCAFineTuneModule under PaCAModelParallelStrategy: named by its folder (built on meta,
+    shards filled from disk) or given as the loaded model (today's path); 2 steps, a checkpoint,
+    a resume to step 4, the fit-end adapter and merged exports."""
+    import warnings
+
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    import paca_lightning
+    from paca_lightning import load_adapter
+    from paca_lightning.training import PaCAFineTuneModule, PaCAModelParallelStrategy, paca_callbacks
+
+    warnings.filterwarnings("ignore")
+    config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", selection="weight_norm")
+    ids = torch.randint(0, 128, (4, LENGTH), generator=torch.Generator().manual_seed(3))
+    samples = [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+    def fit(model, root: Path, steps: int, ckpt_path=None):
+        tokenizer = str(Path(paca_lightning.__file__).parent / "assets" / "tiny-llama")  # for the exports
+        module = PaCAFineTuneModule(model, paca=config, learning_rate=2e-2, min_lr_ratio=1.0, tokenizer=tokenizer)
+        trainer = Trainer(accelerator="cpu", devices=2, strategy=PaCAModelParallelStrategy(), max_steps=steps,
+                          default_root_dir=str(root), logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=paca_callbacks(config, log_throughput=False))
+        trainer.fit(module, DataLoader(samples, batch_size=2), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(root / "step2.ckpt")
+        tensors, _ = gather_adapter_state(module.model, root=trainer.strategy.model)
+        meta_built = not isinstance(model, torch.nn.Module)
+        return tensors, meta_built
+
+    found = {}
+    runs = {}
+    for name, model in (("sharded", checkpoint), ("whole", None)):
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+        first, _ = fit(model, out / name / "first", 2)
+        if name == "whole":
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+        resumed, _ = fit(model, out / name / "resumed", 4, ckpt_path=out / name / "first" / "step2.ckpt")
+        runs[name] = (first, resumed)
+    if dist.get_rank() == 0:
+        found["step2_identical"] = identical(runs["sharded"][0], runs["whole"][0])
+        found["resumed_identical"] = identical(runs["sharded"][1], runs["whole"][1])
+        found["resume_changed_columns"] = not identical(runs["sharded"][0], runs["sharded"][1])
+        merged = {name: AutoModelForCausalLM.from_pretrained(out / name / "resumed" / "merged").state_dict()
+                  for name in runs}
+        found["merged_identical"] = identical(merged["sharded"], merged["whole"])
+        adapter = load_adapter(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
+                               out / "sharded" / "resumed" / "paca_adapter")
+        found["adapter_columns_identical"] = all(
+            torch.equal(layer.paca_weight, runs["whole"][1][f"{name}.paca_weight"])
+            for name, layer in paca_layers(adapter))
+    return found
+
+
 def main(out: Path, mode: str, checkpoint: str) -> None:
+    if mode == "lightning":  # Lightning sets up the process group itself
+        torch.set_num_threads(1)
+        found = lightning(out, checkpoint)
+        finish_worker(out, {"world_size": dist.get_world_size(), **found})
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     results = {"world_size": dist.get_world_size()}
