@@ -244,7 +244,12 @@ class PaCALinear(PaCALayer):
         self.paca_weight = nn.Parameter(paca_weight)
         self.paca_enabled = True
         self.auto_sync = True
-        # The original module, unregistered: `merged_module`/`base_module` hand it back.
+        # The original module, unregistered: `merged_module`/`base_module` hand it back, with the
+        # parameters it gets back then. It holds none meanwhile: a sharding wrapper replaces this
+        # layer's weight, and a reference left on the base would keep the whole old tensor alive.
+        base.weight = None
+        if base.bias is not None:
+            base.bias = None
         self._base_module = (base,)
         self.sync_columns_()
 
