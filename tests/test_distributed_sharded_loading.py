@@ -101,3 +101,26 @@ def test_meta_build_refuses_what_needs_the_loaded_weights(tmp_path, change):
                num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     with pytest.raises(ValueError, match="sharded loading"):
         apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear", **change))
+
+
+def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_and_says_when_it_cannot(
+        tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from paca_lightning.training import PaCAFineTuneModule
+
+    save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    strategy = SimpleNamespace(loads_pretrained_shards=True)
+    sharded = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear"))
+    sharded._trainer = SimpleNamespace(strategy=strategy)
+    sharded.configure_model()
+    assert all(p.is_meta for p in sharded.model.parameters())
+    assert sharded.model.paca_pending_checkpoint == tmp_path
+    whole = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear", quantize="nf4"))
+    whole._trainer = SimpleNamespace(strategy=strategy)
+    with caplog.at_level("INFO"):
+        whole.configure_model()
+    assert not any(p.is_meta for p in whole.model.parameters())
+    assert not hasattr(whole.model, "paca_pending_checkpoint")
+    assert "loads the whole model" in caplog.text and "quantize='nf4'" in caplog.text

@@ -59,7 +59,9 @@ class PaCAFineTuneModule(LightningModule):
 
     Args:
         model: a transformers model name or local path (loaded with
-            ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``), or an ``nn.Module``
+            ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``; under
+            `PaCAModelParallelStrategy` a local folder is built on the meta device and each rank
+            loads only its shards, see `paca_lightning.parallel.loading`), or an ``nn.Module``
             returning ``.logits`` (and exposing ``base_model``/``get_output_embeddings`` for the
             chunked loss).
         paca: the PaCA adapter; ``None`` means ``PaCAConfig()``. Unused when ``method="lora"``.
