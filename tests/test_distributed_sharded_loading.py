@@ -22,7 +22,8 @@ WORKER = "sharded_loading_worker.py"
 
 def save_llama(folder: Path, max_shard_size: str, **sizes) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=64, tie_word_embeddings=False, **sizes))
+    sizes.setdefault("tie_word_embeddings", False)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=64, **sizes))
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     return model
 
@@ -33,10 +34,11 @@ def launch(out: Path, mode: str, checkpoint: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_path, tied):
     # intermediate 99: rows FSDP splits 50/49; a 40KB file limit spreads the tensors over many files
     save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied)
     assert len(list((tmp_path / "model").glob("*.safetensors"))) > 2
     found = launch(tmp_path, "exact", tmp_path / "model")
     for selection in ("random", "weight_norm"):

@@ -120,13 +120,21 @@ def _paca_state(name: str, layer, weight: torch.Tensor, config: PaCAConfig) -> d
             f"{name}.paca_weight": paca_weight, f"{name}.weight": weight}
 
 
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are another name's tensor (tied embeddings): saved once."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        (aliases if id(param) in seen else seen).add(name if id(param) in seen else id(param))
+    return aliases
+
+
 def _check_keys(model: nn.Module, files: list[Path]) -> None:
     """Every rank: each model tensor is in exactly one file, and no file has a tensor the model
     lacks (read from the file headers only)."""
     from safetensors import safe_open
 
     derived = (".paca_indices", ".paca_base_columns", ".paca_weight")
-    expected = {k for k in model.state_dict() if not k.endswith(derived)}
+    expected = {k for k in model.state_dict() if not k.endswith(derived)} - _tied_aliases(model)
     found: dict[str, Path] = {}
     for path in files:
         with safe_open(path, "pt") as handle:
@@ -137,8 +145,8 @@ def _check_keys(model: nn.Module, files: list[Path]) -> None:
     missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or unexpected:
         raise ValueError(f"the checkpoint {files[0].parent} does not match {type(model).__name__}: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]} (tied weights are not supported by sharded "
-                         "loading yet)")
+                         f"{missing[:5]}, unexpected {unexpected[:5]}; give the folder the model was saved to with "
+                         "save_pretrained")
 
 
 @torch.no_grad()
