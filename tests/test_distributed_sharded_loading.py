@@ -126,3 +126,17 @@ def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_a
     assert not any(p.is_meta for p in whole.model.parameters())
     assert not hasattr(whole.model, "paca_pending_checkpoint")
     assert "loads the whole model" in caplog.text and "quantize='nf4'" in caplog.text
+
+
+def test_a_model_type_whose_checkpoint_transformers_converts_on_load_is_refused_with_the_way_out(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from paca_lightning.parallel.loading import converted_on_load
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    if not converted_on_load(tmp_path):
+        pytest.skip("this transformers loads Mixtral checkpoints as saved")
+    with pytest.raises(ValueError, match="from_pretrained"):
+        build_on_meta(tmp_path)

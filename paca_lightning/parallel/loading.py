@@ -62,12 +62,29 @@ def safetensors_files(checkpoint: Union[str, Path]) -> list[Path]:
                             "sharded loading reads a model saved by save_pretrained (safe_serialization)")
 
 
+def converted_on_load(checkpoint: Union[str, Path]) -> bool:
+    """Whether transformers rewrites this model type's checkpoint tensors when loading them
+    (e.g. Mixtral's experts fused into one tensor in transformers 5): their names and shapes in
+    the files are then not the model's, and only ``from_pretrained`` can load them."""
+    from transformers import AutoConfig
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4 loads checkpoint tensors as they are named
+        return False
+    return bool(get_checkpoint_conversion_mapping(AutoConfig.from_pretrained(checkpoint).model_type))
+
+
 def build_on_meta(checkpoint: Union[str, Path], dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM described by ``<checkpoint>/config.json`` with every parameter and buffer on
     the meta device, in training mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(checkpoint)
+    if converted_on_load(checkpoint):
+        raise ValueError(f"transformers converts the checkpoint tensors of model type {config.model_type!r} when "
+                         f"loading them ({checkpoint}), so they cannot be streamed into shards as saved; load "
+                         "the whole model with from_pretrained instead")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()

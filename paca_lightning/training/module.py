@@ -41,7 +41,7 @@ from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from ..model import paca_layers, set_paca_auto_sync
 from ..parallel.loading import SUPPORTED_SELECTIONS as SHARDED_SELECTIONS
-from ..parallel.loading import apply_paca_on_meta, build_on_meta
+from ..parallel.loading import apply_paca_on_meta, build_on_meta, converted_on_load
 from .callback import PaCACallback, adapt_for_training, paca_callbacks
 from .guards import NonFiniteLossGuard
 from .lora import LoRACallback, LoRASettings, apply_lora, import_peft, is_lora_model
@@ -196,6 +196,8 @@ class PaCAFineTuneModule(LightningModule):
                       f"weights (sharded loading supports selection in {SHARDED_SELECTIONS}, no quantize)")
         elif not (folder / "config.json").is_file():
             reason = f"{self.model_name!r} is not a local model folder (download it first to load it shard by shard)"
+        elif converted_on_load(folder):
+            reason = "transformers converts this model type's checkpoint tensors when loading them"
         if reason is not None:
             rank_zero_info(f"FSDP2: every process loads the whole model {self.model_name!r} before sharding: {reason}")
             return None
