@@ -47,6 +47,8 @@ def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_p
         assert result["columns_identical"], (selection, result)
         assert result["merged_identical"], (selection, result)
         assert result["merged_tensors"] > 0 and result["columns_tensors"] > 0
+        # fit-end merged export under FSDP2: one file per decoder layer (2) and one for the rest
+        assert found[f"{selection}_export"] == {"identical": True, "files": 3}, found
 
 
 @pytest.mark.slow

@@ -21,7 +21,13 @@ from launch import finish_worker  # this folder: the script's own directory
 from transformers import AutoModelForCausalLM
 
 from paca_lightning import PaCAConfig, apply_paca, paca_layers
-from paca_lightning.parallel import attach_column_sync, gather_adapter_state, merged_state_dict, shard_paca_model
+from paca_lightning.parallel import (
+    attach_column_sync,
+    export_merged,
+    gather_adapter_state,
+    merged_state_dict,
+    shard_paca_model,
+)
 from paca_lightning.parallel.loading import sharded_paca_model
 
 STEPS, PER_RANK, LENGTH = 3, 2, 16
@@ -76,6 +82,13 @@ def exact(checkpoint: str) -> dict:
             vocab = model.config.vocab_size
             train(model, STEPS, vocab)
             runs.append(outcome(model))
+        # the merged export, written one decoder layer at a time, loads as the merged weights
+        export = Path(checkpoint).parent / f"export_{selection}"
+        export_merged(model, export)
+        if dist.get_rank() == 0:
+            files = len(list(export.glob("*.safetensors")))
+            exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict()
+            found[f"{selection}_export"] = {"identical": identical(exported, runs[-1][1]), "files": files}
         if dist.get_rank() == 0:
             (cols_a, merged_a, idx_a), (cols_b, merged_b, idx_b) = runs
             found[selection] = {"columns_identical": identical(cols_a, cols_b),
