@@ -24,8 +24,10 @@ row shard does not hold, and a GPT-2 Conv1D shard (dim 1) is a strided read touc
 of the tensor; one reader that sees each full tensor once gives them without extra collectives.
 
 Not covered: ``selection="gradient"`` (needs a calibration pass on the loaded model) and
-``PaCAConfig.quantize`` (QPaCA quantizes whole weights at wrap time); both are refused here
-and load whole under FSDP2. DDP needs the whole model in every process and does not use this.
+``PaCAConfig.quantize`` (QPaCA quantizes whole weights at wrap time), and model types whose
+checkpoint transformers converts on load (`converted_on_load`); all are refused here, and
+`PaCAFineTuneModule` loads them whole under FSDP2, saying why. DDP needs the whole model in
+every process and does not use this.
 """
 
 from __future__ import annotations
