@@ -96,11 +96,26 @@ def atomic_directory_write(path: Union[str, os.PathLike], write: Callable[[Path]
     ``write`` leaves ``path`` as it was; a temporary folder left by a killed process is removed
     by the next export of the same target.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".partial", dir=target.parent))
+    temporary = temporary_directory_for(path)
     try:
         write(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return publish_directory(temporary, path, last)
+
+
+def temporary_directory_for(path: Union[str, os.PathLike]) -> Path:
+    """A new private folder beside ``path`` to write an export into (`publish_directory` then)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".partial", dir=target.parent))
+
+
+def publish_directory(temporary: Path, path: Union[str, os.PathLike], last: tuple[str, ...] = ("config.json",)) -> Path:
+    """Move a finished export from ``temporary`` into ``path`` (see `atomic_directory_write`)."""
+    target = Path(path)
+    try:
         os.chmod(temporary, 0o777 & ~_current_umask())  # mkdtemp makes folders private to their owner
         for file in temporary.rglob("*"):
             if file.is_file():

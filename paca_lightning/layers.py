@@ -109,14 +109,29 @@ class PaCAFunction(torch.autograd.Function):
 
 def validated_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
     """``paca_indices`` as sorted int64 on ``device``; raises unless r distinct values in range."""
-    indices = torch.as_tensor(paca_indices, dtype=torch.int64, device=device)
+    # checked on the CPU: a model built on the meta device gets meta indices, which hold no values
+    indices = torch.as_tensor(paca_indices, dtype=torch.int64)
+    if indices.is_meta:
+        raise ValueError("paca_indices are on the meta device; pass the chosen column indices as values")
+    indices = indices.cpu()
     if indices.ndim != 1 or indices.numel() == 0:
         raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
     indices = indices.sort().values
     if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
         raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
                          f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")
-    return indices
+    return indices.to(device)
+
+
+def initial_columns(weight: torch.Tensor, paca_indices: torch.Tensor, transposed: bool, scaling: float,
+                    paca_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PaCA layer's starting state from its pretrained ``weight``: the pretrained columns
+    (out x r, contiguous: a Conv1D's columns are a transposed view, and FSDP2 shards contiguous
+    tensors only) and the trainable ``paca_weight = columns / s`` in ``paca_dtype``. The one
+    formula for every path that builds it (a whole weight, or a checkpoint streamed into shards)."""
+    columns = weight.index_select(0, paca_indices).t() if transposed else weight.index_select(1, paca_indices)
+    columns = columns.clone(memory_format=torch.contiguous_format)
+    return columns, columns.to(paca_dtype) / scaling
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -223,13 +238,18 @@ class PaCALinear(PaCALayer):
         self.bias = base.bias
         self.weight.requires_grad_(False)
         self.register_buffer("paca_indices", indices)
-        # contiguous: a Conv1D's columns are a transposed view, and FSDP2 shards contiguous tensors only
-        self.register_buffer("paca_base_columns", self._read_columns().clone(memory_format=torch.contiguous_format))
-        dtype = paca_dtype or self.weight.dtype
-        self.paca_weight = nn.Parameter(self.paca_base_columns.to(dtype) / self.scaling)
+        base_columns, paca_weight = initial_columns(self.weight.detach(), indices, self.transposed, self.scaling,
+                                                    paca_dtype or self.weight.dtype)
+        self.register_buffer("paca_base_columns", base_columns)
+        self.paca_weight = nn.Parameter(paca_weight)
         self.paca_enabled = True
         self.auto_sync = True
-        # The original module, unregistered: `merged_module`/`base_module` hand it back.
+        # The original module, unregistered: `merged_module`/`base_module` hand it back, with the
+        # parameters it gets back then. It holds none meanwhile: a sharding wrapper replaces this
+        # layer's weight, and a reference left on the base would keep the whole old tensor alive.
+        base.weight = None
+        if base.bias is not None:
+            base.bias = None
         self._base_module = (base,)
         self.sync_columns_()
 

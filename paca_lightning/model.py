@@ -138,7 +138,7 @@ def _resolve_paca_dtype(config: PaCAConfig, weight_dtype: torch.dtype) -> torch.
 
 
 def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Calibration] = None,
-               indices: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+               indices: Optional[Mapping[str, torch.Tensor]] = None, weights_later: bool = False) -> nn.Module:
     """Adapt ``model`` in place with PaCA and return it.
 
     Every targeted layer becomes a `PaCALinear`; every other parameter is frozen (biases train
@@ -151,6 +151,10 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
             callable ``model -> loss``.
         indices: explicit ``{module name: column indices}`` overriding the selection (used by
             `load_adapter`); its keys are exactly the adapted modules.
+        weights_later: the model is on the meta device and whoever calls this fills every weight,
+            ``paca_indices``, ``paca_base_columns`` and ``paca_weight`` from a checkpoint
+            afterwards (`paca_lightning.parallel.load_pretrained_shards`); needs ``indices``
+            (for a selection that reads weights, any r distinct columns: they are replaced).
     """
     already = next(paca_layers(model), None)
     if already is not None:
@@ -174,8 +178,11 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
     check_quantized_targets(config.selection, config.quantize, targets)
+    if weights_later and (indices is None or config.quantize is not None):
+        raise ValueError("apply_paca(weights_later=True) needs indices= (the columns are chosen where the "
+                         "weights are loaded) and no PaCAConfig.quantize (quantizing needs the weights)")
     for name, module in targets.items():
-        if module.weight.is_meta:
+        if module.weight.is_meta and not weights_later:
             raise ValueError(f"module {name!r} has its weight on the meta device (built under torch.device('meta') "
                              "or an empty-init context, or offloaded by accelerate's device_map); PaCA starts "
                              "paca_weight from the pretrained columns, so load the weights onto a real device "

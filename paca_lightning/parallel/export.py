@@ -10,6 +10,7 @@ wrappers insert. Adapter saves gather every rank's shard of the trainable column
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..adapter import adapter_state, write_adapter
-from ..atomic import atomic_directory_write
+from ..atomic import atomic_directory_write, publish_directory, temporary_directory_for
 from ..model import paca_layers
 from ..quantized import (
     QuantizedPaCALinear,
@@ -147,10 +148,20 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
     prefixes removed; bitsandbytes weights dequantized, so the result is a dense model. A
     collective; ``root`` as in `gather_adapter_state`."""
     inner, root = _inner_model(model), _fsdp1_root(model, root)
-    layers = {clean_name(name): layer for name, layer in paca_layers(inner)}
     state = _full_tensors(inner, root, lambda name: True, rank0_only=True)
     if _rank() != 0:
         return {}
+    _merge_columns(state, {clean_name(name): layer for name, layer in paca_layers(inner)})
+    for name, module in inner.named_modules():
+        if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
+            weight = dequantize_weight(module, dense_dtype_of(inner)).cpu()
+            state[f"{clean_name(name)}.weight"] = weight.t().contiguous() if replaced_conv1d(module) else weight
+    return state
+
+
+def _merge_columns(state: dict[str, torch.Tensor], layers: dict) -> None:
+    """Write each PaCA layer's trained columns into its whole weight in ``state`` and drop
+    PaCA's tensors (QPaCA weights are dequantized first): the merged model's tensors."""
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
         weight = state[prefix + "weight"]
@@ -167,11 +178,6 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
             weight.index_copy_(1, indices, columns)
         if isinstance(layer, QuantizedPaCALinear) and replaced_conv1d(layer.quantized_base):
             state[prefix + "weight"] = weight.t().contiguous()  # the model's Conv1D layout (in x out)
-    for name, module in inner.named_modules():
-        if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
-            weight = dequantize_weight(module, dense_dtype_of(inner)).cpu()
-            state[f"{clean_name(name)}.weight"] = weight.t().contiguous() if replaced_conv1d(module) else weight
-    return state
 
 
 def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Optional[nn.Module] = None,
@@ -181,12 +187,20 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
     A collective: every rank calls it. Rank 0 builds an empty (meta) model of the original
     transformers class from the model's ``config``, assigns the merged weights to it (no copy)
     and saves it with ``tokenizer``: loading the result needs no paca_lightning.
+
+    An FSDP2 model is gathered and written one decoder layer at a time (one safetensors file
+    each, plus the index ``save_pretrained`` writes), so rank 0 never holds the whole merged
+    model; model types whose checkpoint transformers converts on save take the path above.
     """
     inner = _inner_model(model)
     config = getattr(inner, "config", None)
     if config is None or not hasattr(inner, "save_pretrained"):
         raise TypeError(f"{type(inner).__name__} is not a transformers model; export_merged writes "
                         "save_pretrained folders. Use merged_state_dict(model) and save it yourself")
+    if any(isinstance(p, DTensor) for p in inner.parameters()) and _saved_as_named(inner):
+        _export_merged_by_layer(inner, Path(directory), config, tokenizer)
+        _barrier()
+        return Path(directory)
     state = merged_state_dict(model, root)
     if _rank() == 0:
         # fully_shard swaps the class for an "FSDP<Name>" subclass; build the user's class.
@@ -208,3 +222,57 @@ def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Option
         atomic_directory_write(directory, write)
     _barrier()
     return Path(directory)
+
+
+def _saved_as_named(model: nn.Module) -> bool:
+    """Whether ``save_pretrained`` writes this model's tensors under their own names and shapes
+    (no conversion mapping in transformers, e.g. Mixtral's fused experts in transformers 5)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return True
+    return not get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None))
+
+
+def _export_merged_by_layer(inner: nn.Module, directory: Path, config, tokenizer: Any) -> None:
+    """Gather, merge and write one FSDP2 unit (decoder layer) at a time, then the rest
+    (embeddings, norm, head), into ``model-0000k-of-0000n.safetensors`` files and their index;
+    a tied name is written once."""
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule
+
+    # the units fully_shard made below the root: the decoder layers `shard_paca_model` shards
+    prefixes = [clean_name(name) + "." for name, module in inner.named_modules()
+                if name and isinstance(module, FSDPModule)]
+    seen, aliases = set(), set()
+    for name, param in inner.named_parameters(remove_duplicate=False):
+        (aliases.add(clean_name(name)) if id(param) in seen else seen.add(id(param)))
+    groups = [lambda n, p=p: n.startswith(p) for p in prefixes]
+    groups.append(lambda n: not any(n.startswith(p) for p in prefixes))
+    layers = {clean_name(name): layer for name, layer in paca_layers(inner)}
+    weight_map, total = {}, 0
+    # rank 0 writes into a private folder, published once complete: no finished-looking half export
+    final, directory = directory, (temporary_directory_for(directory) if _rank() == 0 else directory)
+    for number, in_group in enumerate(groups, start=1):
+        state = _full_tensors(inner, None, lambda n, g=in_group: g(n) and n not in aliases, rank0_only=True)
+        if _rank() != 0:
+            continue
+        _merge_columns(state, {n: layer for n, layer in layers.items() if in_group(f"{n}.weight")})
+        filename = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in state.items()}, directory / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(state, filename))
+        total += sum(t.numel() * t.element_size() for t in state.values())
+        del state
+    if _rank() == 0:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if hasattr(config, "quantization_config"):
+            config = copy.deepcopy(config)
+            del config.quantization_config
+        config.save_pretrained(str(directory))
+        generation = getattr(inner, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        publish_directory(directory, final)

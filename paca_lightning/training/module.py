@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MeanMetric
@@ -39,6 +41,8 @@ from ..data.tokenizer import missing_local_path
 from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from ..model import paca_layers, set_paca_auto_sync
+from ..parallel.loading import SUPPORTED_SELECTIONS as SHARDED_SELECTIONS
+from ..parallel.loading import apply_paca_on_meta, build_on_meta, converted_on_load
 from .callback import PaCACallback, adapt_for_training, paca_callbacks
 from .checkpointing import StopSignalCheckpoint
 from .guards import NonFiniteLossGuard
@@ -57,7 +61,9 @@ class PaCAFineTuneModule(LightningModule):
 
     Args:
         model: a transformers model name or local path (loaded with
-            ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``), or an ``nn.Module``
+            ``AutoModelForCausalLM.from_pretrained`` in ``configure_model``; under
+            `PaCAModelParallelStrategy` a local folder is built on the meta device and each rank
+            loads only its shards, see `paca_lightning.parallel.loading`), or an ``nn.Module``
             returning ``.logits`` (and exposing ``base_model``/``get_output_embeddings`` for the
             chunked loss).
         paca: the PaCA adapter; ``None`` means ``PaCAConfig()``. Unused when ``method="lora"``.
@@ -164,7 +170,40 @@ class PaCAFineTuneModule(LightningModule):
         prepared in ``__init__``. Runs under the strategy's init contexts and before it wraps
         the model; repeated calls (``fit`` then ``validate``) leave the model as it is."""
         if self.model is None:
-            self.model = self._prepare(self._load_pretrained())
+            checkpoint = self._sharded_loading_source()
+            if checkpoint is None:
+                self.model = self._prepare(self._load_pretrained())
+            else:
+                # the strategy fills the shards from ``checkpoint`` once it has sharded the model
+                model = apply_paca_on_meta(build_on_meta(checkpoint, self._load_dtype()), self.paca)
+                model.paca_pending_checkpoint = checkpoint
+                self.model = self._prepare(model)
+
+    def _load_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype_name) if self.dtype_name else torch.float32
+
+    def _sharded_loading_source(self) -> Optional[Path]:
+        """The local model folder to load shard by shard, when the strategy can (FSDP2 sharding
+        after ``configure_model``: `PaCAModelParallelStrategy`) and the model allows it; ``None``
+        loads the whole model in this process, saying why when FSDP2 could have sharded it."""
+        trainer = self._trainer
+        if not getattr(getattr(trainer, "strategy", None), "loads_pretrained_shards", False):
+            return None
+        folder = Path(self.model_name).expanduser()
+        reason = None
+        if self.method != "paca":
+            reason = f"method={self.method!r} (sharded loading builds PaCA layers only)"
+        elif self.paca.selection not in SHARDED_SELECTIONS or self.paca.quantize is not None:
+            reason = (f"PaCAConfig selection={self.paca.selection!r}, quantize={self.paca.quantize!r} need the whole "
+                      f"weights (sharded loading supports selection in {SHARDED_SELECTIONS}, no quantize)")
+        elif not (folder / "config.json").is_file():
+            reason = f"{self.model_name!r} is not a local model folder (download it first to load it shard by shard)"
+        elif converted_on_load(folder):
+            reason = "transformers converts this model type's checkpoint tensors when loading them"
+        if reason is not None:
+            rank_zero_info(f"FSDP2: every process loads the whole model {self.model_name!r} before sharding: {reason}")
+            return None
+        return folder
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         """Apply PaCA (`adapt_for_training`, the one place a model is adapted) or LoRA, then
@@ -186,7 +225,7 @@ class PaCAFineTuneModule(LightningModule):
     def _load_pretrained(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        dtype = getattr(torch, self.dtype_name) if self.dtype_name else torch.float32
+        dtype = self._load_dtype()
         missing = missing_local_path(self.model_name)
         if missing:
             raise FileNotFoundError(f"PaCAFineTuneModule model: {missing}")

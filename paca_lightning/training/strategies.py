@@ -18,7 +18,14 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..parallel import attach_column_sync, decoder_layers, replicate_trainable, shard_paca_model, use_delta_form
+from ..parallel import (
+    attach_column_sync,
+    decoder_layers,
+    load_pretrained_shards,
+    replicate_trainable,
+    shard_paca_model,
+    use_delta_form,
+)
 from .lookup import paca_models
 
 
@@ -28,6 +35,9 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
     After ``configure_model`` has built and adapted the model (`PaCAFineTuneModule`, or any
     module with `PaCACallback`), every adapted model not yet sharded goes through
     `shard_paca_model` on the data-parallel mesh, and each optimizer gets `attach_column_sync`.
+    A `PaCAFineTuneModule` naming a local model folder builds it on the meta device; after
+    sharding, `load_pretrained_shards` fills each rank's shards from its safetensors files, so no
+    process holds the whole model (see `paca_lightning.parallel.loading`).
     Unlike the parent class (whose default mesh is tensor-parallel within a node), all
     ``num_nodes x devices`` processes form one data-parallel (FSDP) dimension.
 
@@ -39,6 +49,8 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
     """
 
     strategy_name = "paca_fsdp2"
+    # PaCAFineTuneModule builds a local model on the meta device; setup fills the shards from disk
+    loads_pretrained_shards = True
 
     def __init__(self, *, activation_checkpointing: bool = False, cpu_offload: bool = False, mp_policy=None,
                  reshard_after_forward: bool = True, layer_classes=None, save_distributed_checkpoint: bool = True,
@@ -62,6 +74,10 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
         for model in models:
             if not any(isinstance(p, DTensor) for p in model.parameters()):
                 shard_paca_model(model, self.device_mesh["data_parallel"], **self._shard_kwargs)
+            checkpoint = getattr(model, "paca_pending_checkpoint", None)
+            if checkpoint is not None:  # built on the meta device (PaCAFineTuneModule.configure_model)
+                load_pretrained_shards(model, checkpoint, self.root_device)
+                del model.paca_pending_checkpoint
         super().setup(trainer)
 
     def setup_optimizers(self, trainer) -> None:

@@ -1,0 +1,144 @@
+"""Sharded loading under FSDP2 (`paca_lightning.parallel.sharded_paca_model`): 2 gloo processes.
+
+The model is saved to disk in several safetensors files; the worker
+(tests/distributed/sharded_loading_worker.py) builds it on the meta device, shards it and fills
+the shards, and compares it with today's path (every rank loads the whole model) or reports
+each rank's peak resident memory from the kernel (VmHWM).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from paca_lightning import PaCAConfig
+from paca_lightning.parallel.loading import apply_paca_on_meta, build_on_meta
+from tests.distributed.launch import run_torchrun
+
+WORKER = "sharded_loading_worker.py"
+
+
+def save_llama(folder: Path, max_shard_size: str, **sizes) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    sizes.setdefault("tie_word_embeddings", False)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=64, **sizes))
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    return model
+
+
+def launch(out: Path, mode: str, checkpoint: Path) -> dict:
+    run_torchrun(WORKER, out, mode, str(checkpoint), timeout=900)
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_path, tied):
+    # intermediate 99: rows FSDP splits 50/49; a 40KB file limit spreads the tensors over many files
+    save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied)
+    assert len(list((tmp_path / "model").glob("*.safetensors"))) > 2
+    found = launch(tmp_path, "exact", tmp_path / "model")
+    for selection in ("random", "weight_norm"):
+        result = found[selection]
+        assert result["indices_identical"], (selection, result)
+        assert result["columns_identical"], (selection, result)
+        assert result["merged_identical"], (selection, result)
+        assert result["merged_tensors"] > 0 and result["columns_tensors"] > 0
+        # fit-end merged export under FSDP2: one file per decoder layer (2) and one for the rest
+        assert found[f"{selection}_export"] == {"identical": True, "files": 3}, found
+
+
+@pytest.mark.slow
+def test_lightning_fsdp2_builds_a_named_model_on_meta_and_trains_resumes_and_exports_like_the_whole_load(tmp_path):
+    save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    found = launch(tmp_path, "lightning", tmp_path / "model")
+    assert found["step2_identical"] and found["resumed_identical"], found
+    assert found["resume_changed_columns"], found
+    assert found["merged_identical"] and found["adapter_columns_identical"], found
+
+
+@pytest.mark.slow
+def test_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
+    # glibc keeps freed large blocks for reuse once its mmap threshold has risen, which makes
+    # peak RSS depend on the allocation history; a fixed threshold returns them to the kernel.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    model = save_llama(tmp_path / "model", "100MB", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=12, num_key_value_heads=4, vocab_size=4096)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    largest_file = max(path.stat().st_size for path in (tmp_path / "model").glob("*.safetensors"))
+    del model
+    ranks = launch(tmp_path, "memory-sharded", tmp_path / "model")["ranks"]
+    today = launch(tmp_path, "memory-full", tmp_path / "model")["ranks"]  # every rank loads the whole model
+    world = len(ranks)
+
+    def growth(peaks):
+        return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
+
+    print(f"model {model_bytes >> 20} MiB, layer {layer_bytes >> 20} MiB, largest file {largest_file >> 20} MiB; "
+          f"per-rank VmHWM growth (MiB) after setup / after 2 steps: sharded {[growth(r) for r in ranks]}, "
+          f"whole model per rank {[growth(r) for r in today]}")
+    share = model_bytes / world + 2 * layer_bytes
+    for rank, (peaks, whole) in enumerate(zip(ranks, today)):
+        setup = peaks["ready"] - peaks["start"]
+        assert setup <= share + (largest_file if rank == 0 else 0), (rank, setup, share)
+        # the steps add FSDP2's gathered layers (each with its all-gather buffer, the next one
+        # prefetched) and activations to the share, and still peak below loading the whole model
+        assert peaks["trained"] - peaks["start"] < whole["trained"] - whole["start"], (rank, peaks, whole)
+
+
+def test_meta_build_applies_paca_without_allocating_weights(tmp_path):
+    save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear"))
+    assert all(p.is_meta for p in model.parameters())
+    assert model.model.layers[0].mlp.down_proj.paca_weight.shape == (32, 4)
+
+
+@pytest.mark.parametrize("change", [{"selection": "gradient"}, {"quantize": "nf4"}])
+def test_meta_build_refuses_what_needs_the_loaded_weights(tmp_path, change):
+    save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    with pytest.raises(ValueError, match="sharded loading"):
+        apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear", **change))
+
+
+def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_and_says_when_it_cannot(
+        tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from paca_lightning.training import PaCAFineTuneModule
+
+    save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    strategy = SimpleNamespace(loads_pretrained_shards=True)
+    sharded = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear"))
+    sharded._trainer = SimpleNamespace(strategy=strategy)
+    sharded.configure_model()
+    assert all(p.is_meta for p in sharded.model.parameters())
+    assert sharded.model.paca_pending_checkpoint == tmp_path
+    whole = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear", quantize="nf4"))
+    whole._trainer = SimpleNamespace(strategy=strategy)
+    with caplog.at_level("INFO"):
+        whole.configure_model()
+    assert not any(p.is_meta for p in whole.model.parameters())
+    assert not hasattr(whole.model, "paca_pending_checkpoint")
+    assert "loads the whole model" in caplog.text and "quantize='nf4'" in caplog.text
+
+
+def test_a_model_type_whose_checkpoint_transformers_converts_on_load_is_refused_with_the_way_out(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from paca_lightning.parallel.loading import converted_on_load
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    if not converted_on_load(tmp_path):
+        pytest.skip("this transformers loads Mixtral checkpoints as saved")
+    with pytest.raises(ValueError, match="from_pretrained"):
+        build_on_meta(tmp_path)
