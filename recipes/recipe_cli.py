@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from paca_lightning import PaCAConfig
 from paca_lightning.atomic import folder_lock
+from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.training import (
     ADAPTER_DIRNAME,
     LORA_ADAPTER_DIRNAME,
@@ -76,6 +77,26 @@ transformers.utils.logging.disable_progress_bar()
 # names the value and the fix, so the user sees it without the traceback around it.
 INPUT_ERRORS = (ValueError, OSError, ConnectionError, ImportError)
 TRACEBACK_VARIABLE = "PACA_LIGHTNING_TRACEBACK"
+# The offline demo of the OASST1 and own-data recipes: the tiny model shipped in the package on a CPU.
+TINY_MODEL_DEFAULTS = {
+    # The demo's matrices are 128 wide: a second thread gains nothing, and OpenMP threads that
+    # spin-wait for a busy core slow a run on a shared machine many times over.
+    "cpu_threads": 1,
+    "model.model": str(TINY_LLAMA_DIR),
+    "model.paca": {"rank": 32, "alpha": 64, "target_modules": "all-linear", "seed": 0},
+    "model.learning_rate": 3e-3,
+    "model.warmup_steps": 10,
+    "model.min_lr_ratio": 0.1,
+    "data.max_length": 256,
+    "data.packing": True,
+    "data.batch_size": 4,
+    "trainer.max_steps": 120,
+    "trainer.log_every_n_steps": 10,
+    "trainer.val_check_interval": 40,
+    "checkpoint.every_n_train_steps": 40,
+    "trainer.check_val_every_n_epoch": None,
+    "trainer.enable_model_summary": False,
+}
 BAD_INPUT_EXIT_STATUS = 2  # as argparse uses for usage errors: every kind of bad input ends alike
 # 128 + SIGTERM, as a shell reports a process the signal ended: a scheduler must not record a
 # pre-empted run as a success (Lightning's SIGTERMException alone exits with 0)
