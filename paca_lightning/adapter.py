@@ -48,10 +48,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         tensors[f"{name}.paca_indices"] = layer.paca_indices.to(torch.int32)
         modules[name] = {"rank": layer.rank, "scaling": layer.scaling, "in_features": layer.in_features,
                          "out_features": layer.out_features,
-                         "layout": "experts" if hasattr(layer, "num_experts") else
-                         "conv1d" if layer.transposed else "linear"}
-        if hasattr(layer, "num_experts"):  # a fused MoE weight: one set of columns per expert
-            modules[name]["experts"] = layer.num_experts
+                         "layout": "conv1d" if layer.transposed else "linear"}
     extra = [name for name, param in model.named_parameters()
              if param.requires_grad and not name.endswith(".paca_weight")]
     params = dict(model.named_parameters())
@@ -129,35 +126,16 @@ def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match {config_path}: missing tensors {missing[:5]}, "
                          f"unexpected tensors {unexpected[:5]}")
-    layouts = {f"{name}.paca_indices": meta["layout"] for name, meta in description["modules"].items()}
     for key, tensor in tensors.items():
         if key.endswith(".paca_indices"):
-            ndim = 2 if layouts.get(key) == "experts" else 1  # experts: one row of columns per expert
-            if tensor.dtype not in (torch.int32, torch.int64) or tensor.ndim != ndim:
+            if tensor.dtype not in (torch.int32, torch.int64) or tensor.ndim != 1:
                 raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}; "
-                                 f"column indices are a {ndim}-D int32 or int64 tensor")
+                                 "column indices are a 1-D int32 or int64 tensor")
         elif not tensor.is_floating_point():
             raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor; trained values are floating point")
         elif not torch.isfinite(tensor).all():
             raise ValueError(f"{weights_path}: {key} holds NaN or infinite values; this adapter cannot be used")
     return description, tensors
-
-
-def _check_experts_entry(model: nn.Module, name: str, meta: dict, paca: torch.Tensor, weights_path: Path) -> None:
-    """A fused expert weight's entry against the model's parameter of that name."""
-    experts = meta.get("experts")
-    try:
-        weight = model.get_parameter(name)
-    except AttributeError:
-        return  # apply_paca reports every missing name with close matches
-    expected = (experts, meta["out_features"], meta["in_features"])
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"adapter expert weight {name!r} was trained on shape {expected} (experts x out x in), "
-                         f"but the model's is {tuple(weight.shape)}; load the adapter onto the base model it was "
-                         "trained on")
-    if tuple(paca.shape) != (experts, meta["out_features"], meta["rank"]):
-        raise ValueError(f"{weights_path}: {name}.paca_weight has shape {tuple(paca.shape)}, expected "
-                         f"{(experts, meta['out_features'], meta['rank'])}")
 
 
 _MODULE_FIELDS = {"rank": int, "scaling": (int, float), "in_features": int, "out_features": int, "layout": str}
@@ -172,9 +150,9 @@ def _check_module_entry(config_path: Path, name: str, meta: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ValueError(f"{config_path}: modules[{name!r}][{field!r}] is {value!r}, expected "
                              f"{'a string' if kinds is str else 'a number'}")
-    if meta["layout"] not in ("linear", "conv1d", "experts"):
+    if meta["layout"] not in ("linear", "conv1d"):
         raise ValueError(f"{config_path}: modules[{name!r}]['layout'] is {meta['layout']!r}, expected "
-                         "'linear', 'conv1d' or 'experts'")
+                         "'linear' or 'conv1d'")
 
 
 def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = True) -> nn.Module:
@@ -188,9 +166,6 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
     modules = dict(model.named_modules())
     weights_path = Path(directory) / WEIGHTS_NAME
     for name, meta in description["modules"].items():
-        if meta["layout"] == "experts":
-            _check_experts_entry(model, name, meta, tensors[f"{name}.paca_weight"], weights_path)
-            continue
         if name not in modules:
             continue  # apply_paca reports every missing name with close matches
         module = modules[name]
@@ -208,10 +183,8 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
                              f"expected {(meta['out_features'], meta['rank'])}")
     # apply_paca keeps indices sorted; a file listing them in another order keeps its columns in
     # that order, so both are put in sorted order together
-    # (per expert, for fused expert weights: the last dimension holds the columns)
-    order = {name: tensors[f"{name}.paca_indices"].to(torch.int64).argsort(-1) for name in description["modules"]}
-    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64).gather(-1, order[name])
-               for name in description["modules"]}
+    order = {name: tensors[f"{name}.paca_indices"].to(torch.int64).argsort() for name in description["modules"]}
+    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64)[order[name]] for name in description["modules"]}
     apply_paca(model, config, indices=indices)
 
     params = dict(model.named_parameters())
@@ -221,8 +194,7 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
             if layer.scaling != expected_scaling:
                 raise ValueError(f"adapter module {name!r}: config gives scaling {layer.scaling}, "
                                  f"the file records {expected_scaling}")
-            columns = tensors[f"{name}.paca_weight"]
-            layer.paca_weight.copy_(columns.gather(-1, order[name].unsqueeze(-2).expand_as(columns)))
+            layer.paca_weight.copy_(tensors[f"{name}.paca_weight"][:, order[name]])
         for name in description["extra_parameters"]:
             if name not in params:
                 raise ValueError(f"{weights_path} holds parameter {name!r}, which the model lacks")

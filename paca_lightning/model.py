@@ -6,13 +6,12 @@ import contextlib
 import difflib
 import re
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .config import PaCAConfig, selects
-from .experts import PaCAExpertWeights, check_expert_targets, fused_expert_weights, use_eager_experts
 from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d, is_plain_linear
 from .quantized import (
     QuantizedPaCALinear,
@@ -37,9 +36,9 @@ def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALayer]]:
             yield name, module
 
 
-def _dense_paca_layers(model: nn.Module) -> Iterator[Union[PaCALinear, PaCAExpertWeights]]:
+def _dense_paca_layers(model: nn.Module) -> Iterator[PaCALinear]:
     """The layers whose weight holds the trained columns (not QPaCA's, which never does)."""
-    return (layer for _, layer in paca_layers(model) if isinstance(layer, (PaCALinear, PaCAExpertWeights)))
+    return (layer for _, layer in paca_layers(model) if isinstance(layer, PaCALinear))
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -59,42 +58,25 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     """``{name: module}`` that ``config.target_modules`` minus ``config.exclude_modules`` selects
-    (`PaCAConfig`, or any object with those two fields); raises naming what is wrong. Fused
-    expert weights the config selects are `find_expert_targets`'."""
-    return _select(model, config)[0]
-
-
-def find_expert_targets(model: nn.Module, config) -> dict[str, tuple[nn.Module, str]]:
-    """``{"<experts module>.<projection>": (module, projection)}``: the fused 3-D expert weights
-    of an MoE model that ``config`` selects (``all-linear`` includes them; so does a name such
-    as ``"gate_up_proj"``), see `paca_lightning.experts`."""
-    return _select(model, config)[1]
-
-
-def _select(model: nn.Module, config) -> tuple[dict[str, nn.Module], dict[str, tuple[nn.Module, str]]]:
+    (`PaCAConfig`, or any object with those two fields); raises naming what is wrong."""
     modules = dict(model.named_modules(remove_duplicate=False))  # every alias: `_refuse_shared` checks them
-    experts = fused_expert_weights(model)
     heads = _output_head_names(model)
-    all_linear = {name for name, m in modules.items() if is_adaptable(m) and name not in heads} | set(experts)
+    all_linear = {name for name, m in modules.items() if is_adaptable(m) and name not in heads}
+    chosen = {name: m for name, m in modules.items()
+              if name and selects(config.target_modules, name, all_linear)}
+    if config.exclude_modules is not None:
+        chosen = {name: m for name, m in chosen.items()
+                  if not selects(config.exclude_modules, name, all_linear)}
 
-    def chosen_from(candidates: dict) -> dict:
-        chosen = {name: m for name, m in candidates.items()
-                  if name and selects(config.target_modules, name, all_linear)}
-        if config.exclude_modules is not None:
-            chosen = {name: m for name, m in chosen.items() if not selects(config.exclude_modules, name, all_linear)}
-        return chosen
-
-    chosen, chosen_experts = chosen_from(modules), chosen_from(experts)
     if isinstance(config.target_modules, list):
-        names = [name for name in (*modules, *experts) if name]
-        leaf_names = sorted({name.split(".")[-1] for name in names})
+        leaf_names = sorted({name.split(".")[-1] for name in modules if name})
         for key in config.target_modules:
-            if not any(name == key or name.endswith("." + key) for name in names):
+            if not any(name == key or name.endswith("." + key) for name in modules if name):
                 close = difflib.get_close_matches(key.split(".")[-1], leaf_names, n=5, cutoff=0.5)
                 raise ValueError(f"{type(config).__name__}.target_modules entry {key!r} matches no module of "
                                  f"{type(model).__name__}; close matches: {close or 'none'}; "
                                  f"linear layers here are named e.g. {_examples(all_linear)}")
-    if not chosen and not chosen_experts:
+    if not chosen:
         raise ValueError(f"{type(config).__name__}.target_modules={config.target_modules!r} (excluding "
                          f"{config.exclude_modules!r}) selects no module of {type(model).__name__}; "
                          f"linear layers here are named e.g. {_examples(all_linear)}")
@@ -102,9 +84,9 @@ def _select(model: nn.Module, config) -> tuple[dict[str, nn.Module], dict[str, t
         if not is_adaptable(module):
             raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}. PaCA adapts torch.nn.Linear "
                             "(and subclasses keeping its forward), transformers Conv1D and bitsandbytes "
-                            "Linear4bit/Linear8bitLt layers, and fused MoE expert weights only. "
+                            "Linear4bit/Linear8bitLt layers only. "
                             f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
-    return chosen, chosen_experts
+    return chosen
 
 
 def _refuse_shared(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
@@ -178,33 +160,21 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     if already is not None:
         raise RuntimeError(f"PaCA is already applied to this model (module {already[0]!r} is a "
                            "PaCALinear); call merge_paca(model) or unload_paca(model) first")
-    all_experts = fused_expert_weights(model)
     if indices is not None:
-        expert_targets = {name: all_experts[name] for name in indices if name in all_experts}
         modules = dict(model.named_modules())
-        missing = sorted(name for name in indices if name not in modules and name not in all_experts)
+        missing = sorted(name for name in indices if name not in modules)
         if missing:
             raise ValueError(f"modules {missing[:5]} do not exist in {type(model).__name__}; close "
                              f"matches: {difflib.get_close_matches(missing[0], list(modules), n=3)}")
-        targets = {name: modules[name] for name in indices if name not in expert_targets}
+        targets = {name: modules[name] for name in indices}
         for name, module in targets.items():
             if not is_adaptable(module):
                 raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}; PaCA adapts nn.Linear, "
                                 "Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers")
     else:
-        targets, expert_targets = _select(model, config)
+        targets = find_targets(model, config)
 
     _refuse_shared(model, targets)
-    check_expert_targets(expert_targets, config.quantize, config.selection)
-    for name, (module, projection) in expert_targets.items():
-        weight = getattr(module, projection)
-        if weight.is_meta:
-            raise ValueError(f"expert weight {name!r} is on the meta device; load the weights before apply_paca")
-        if indices is None and config.rank_for(name) > weight.shape[-1]:
-            raise ValueError(f"PaCA rank {config.rank_for(name)} for expert weight {name!r} exceeds its "
-                             f"in_features={weight.shape[-1]}; use rank <= {weight.shape[-1]}")
-    if weights_later and expert_targets:
-        raise ValueError("apply_paca(weights_later=True) does not handle fused expert weights; load them first")
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
     check_quantized_targets(config.selection, config.quantize, targets)
@@ -241,17 +211,6 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         chosen = {name: random_columns(in_features_of(m), config.rank_for(name), config.seed, name)
                   for name, m in targets.items()}
 
-    for name, (module, projection) in expert_targets.items():
-        weight = getattr(module, projection)
-        if indices is not None:
-            chosen[name] = torch.as_tensor(indices[name])
-        elif config.selection == "weight_norm":
-            chosen[name] = torch.stack([top_columns(weight_norm_scores(expert), config.rank_for(name))
-                                        for expert in weight.detach()])
-        else:  # each expert its own columns, reproducible from the seed, the name and the expert
-            chosen[name] = torch.stack([random_columns(weight.shape[-1], config.rank_for(name), config.seed,
-                                                       f"{name}.{expert}") for expert in range(weight.shape[0])])
-
     if config.bias == "all":  # after the selection, so a calibration pass leaves no bias gradients
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -268,14 +227,6 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
             layer = PaCALinear(module, chosen[name], scaling,
                                _resolve_paca_dtype(config, module.weight.dtype))
         set_submodule(model, name, layer)
-    for name, (module, projection) in expert_targets.items():
-        weight = getattr(module, projection)
-        rank = chosen[name].shape[-1]
-        layer = PaCAExpertWeights(weight, chosen[name], config.alpha_for(name) / rank,
-                                  _resolve_paca_dtype(config, weight.dtype))
-        del module._parameters[projection]  # a parameter's name takes a parameter only
-        setattr(module, projection, layer)  # the module's forward indexes it as it indexed the weight
-    use_eager_experts(model, expert_targets)
     model.paca_config = config
     return model
 
@@ -410,8 +361,7 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
     weight_values = {}
     for _, layer in paca_layers(model):
         paca_weights.add(id(layer.paca_weight))
-        # packed bytes or dense; a fused expert weight holds one matrix per expert
-        weight_values[id(layer.weight)] = layer.in_features * layer.out_features * getattr(layer, "num_experts", 1)
+        weight_values[id(layer.weight)] = layer.in_features * layer.out_features  # packed bytes or dense
     trainable = total = 0
     untrained: dict[str, int] = {}
     skipped = _embedding_and_head_parameters(model) | set(weight_values)

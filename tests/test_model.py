@@ -206,8 +206,7 @@ def test_trainable_report_counts_like_peft_with_the_models_own_parameter_count(q
 
 
 def test_report_names_the_weight_matrices_left_untrained_with_their_share():
-    # the routed experts left out on purpose (all-linear would adapt them, tests/test_experts.py)
-    model = apply_paca(make_tiny_mixtral(), PaCAConfig(rank=4, exclude_modules=["gate_up_proj", "down_proj"]))
+    model = apply_paca(make_tiny_mixtral(), PaCAConfig(rank=4))
     report = trainable_parameters(model)
     experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     untrained = dict(report.untrained)

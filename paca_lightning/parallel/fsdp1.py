@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts import refuse_fused_experts
 from ..layers import PaCALinear, _linear
 from ..model import paca_layers
 from ..quantized import QuantizedPaCALinear
@@ -53,7 +52,6 @@ def use_delta_form(model: nn.Module) -> nn.Module:
     layers = list(paca_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before wrapping")
-    refuse_fused_experts(model, "FSDP1")
     refuse_quantized(model)
     for _, layer in layers:
         layer.__class__ = DeltaFormPaCALinear  # same state, another forward (as fully_shard swaps classes)

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard
 
-from ..experts import refuse_fused_experts
 from ..model import paca_layers, set_paca_auto_sync, sync_paca_columns
 from ..quantized import is_quantized_linear
 
@@ -120,7 +119,6 @@ def shard_paca_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard
 
     if next(paca_layers(model), None) is None:
         raise ValueError(f"{type(model).__name__} has no PaCA layers; call apply_paca before sharding")
-    refuse_fused_experts(model, "FSDP2")
     _refuse_unadapted_quantized(model)
     _refuse_uneven_conv1d(model, mesh)
     blocks = decoder_layers(model, layer_classes)

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..adapter import save_adapter
 from ..atomic import atomic_directory_write
-from ..experts import PaCAExpertWeights
 from ..model import merge_paca, paca_layers, sync_paca_columns
 from ..parallel import export_merged, save_sharded_adapter
 from ..quantized import QuantizedPaCALinear
@@ -69,10 +68,9 @@ def save_merged(model: nn.Module, directory, tokenizer: Any = None) -> Path:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; a merged export needs a "
                         "transformers model (disable it with FitEndExport(merged=False))")
-    if any(isinstance(layer, (QuantizedPaCALinear, PaCAExpertWeights)) for _, layer in paca_layers(model)):
-        # A quantized base does not hold the trained columns, and a fused expert weight lives under
-        # the layer's name: merging builds the plain model (on a copy, so the live model keeps
-        # training). Merged quantized layers take the dtype of the model's other parameters.
+    if any(isinstance(layer, QuantizedPaCALinear) for _, layer in paca_layers(model)):
+        # A quantized base does not hold the trained columns; merging builds dense layers (a copy,
+        # so the live model keeps training). Their dtype is the model's other parameters'.
         model, state = merge_paca(copy.deepcopy(model)), None
     else:
         sync_paca_columns(model)
