@@ -21,6 +21,7 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write
 from .config import PaCAConfig
+from .experts import PaCAExpertWeights, expert_parameters
 from .layers import in_features_of, is_conv1d, out_features_of
 from .model import apply_paca, paca_layers, sync_paca_columns
 
@@ -46,8 +47,9 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         tensors[f"{name}.paca_weight"] = layer.paca_weight.detach()
         tensors[f"{name}.paca_indices"] = layer.paca_indices.to(torch.int32)
         modules[name] = {"rank": layer.rank, "scaling": layer.scaling, "in_features": layer.in_features,
-                         "out_features": layer.out_features,
-                         "layout": "conv1d" if layer.transposed else "linear"}
+                         "out_features": layer.out_features, "layout": _layout(layer)}
+        if isinstance(layer, PaCAExpertWeights):
+            modules[name]["num_experts"] = layer.num_experts
     extra = [name for name, param in model.named_parameters()
              if param.requires_grad and not name.endswith(".paca_weight")]
     params = dict(model.named_parameters())
@@ -57,6 +59,12 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
                    "paca_lightning_version": __version__, "config": config.to_dict(),
                    "modules": modules, "extra_parameters": extra}
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, description
+
+
+def _layout(layer) -> str:
+    if isinstance(layer, PaCAExpertWeights):  # fused expert weight: experts x out x in (or x in x out)
+        return "experts_transposed" if layer.transposed else "experts"
+    return "conv1d" if layer.transposed else "linear"
 
 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
@@ -110,6 +118,18 @@ def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     return description, tensors
 
 
+def _check_expert_shapes(name: str, meta: dict, target, paca: torch.Tensor, weights_path: Path) -> None:
+    found = (meta.get("num_experts"), meta["in_features"], meta["out_features"])
+    expected = (target.num_experts, target.in_features, target.out_features)
+    if found != expected:
+        raise ValueError(f"adapter module {name!r} was trained on (experts, in_features, out_features)={found}, "
+                         f"but the model's fused expert weight has {expected}; load the adapter onto the base "
+                         "model it was trained on")
+    if tuple(paca.shape) != (expected[0], expected[2], meta["rank"]):
+        raise ValueError(f"{weights_path}: {name}.paca_weight has shape {tuple(paca.shape)}, "
+                         f"expected {(expected[0], expected[2], meta['rank'])}")
+
+
 def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = True) -> nn.Module:
     """Apply the adapter saved in ``directory`` to a fresh base ``model``; in place, returns it.
 
@@ -119,8 +139,12 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
     description, tensors = read_adapter(directory)
     config = PaCAConfig.from_dict(description["config"])
     modules = dict(model.named_modules())
+    experts = expert_parameters(model)
     weights_path = Path(directory) / WEIGHTS_NAME
     for name, meta in description["modules"].items():
+        if name in experts:
+            _check_expert_shapes(name, meta, experts[name], tensors[f"{name}.paca_weight"], weights_path)
+            continue
         if name not in modules:
             continue  # apply_paca reports every missing name with close matches
         module = modules[name]

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..adapter import adapter_state, write_adapter
+from ..experts import PaCAExpertWeights
 from ..model import paca_layers
 from ..quantized import QuantizedPaCALinear, dense_dtype_of, dequantize_weight, is_quantized_linear
 
@@ -154,7 +155,11 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
         indices = state.pop(prefix + "paca_indices")
         columns = (state.pop(prefix + "paca_weight") * layer.scaling).to(weight.dtype)
         state.pop(prefix + "paca_base_columns")
-        if layer.transposed:
+        if isinstance(layer, PaCAExpertWeights):  # merged, the fused weight is the parameter `name` itself
+            state[name] = state.pop(prefix + "weight")
+            dim, index = layer.column_index(indices, weight.shape[0])
+            weight.scatter_(dim, index, columns.transpose(1, 2) if layer.transposed else columns)
+        elif layer.transposed:
             weight.index_copy_(0, indices, columns.t())
         else:
             weight.index_copy_(1, indices, columns)
