@@ -24,10 +24,13 @@ from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d, is_plain_l
 from .quantized import (
     QuantizedPaCALinear,
     check_quantized_targets,
+    dense_dtype_of,
+    dense_export_layers,
     dequantize_weight,
     drop_quantization_markers,
     import_bitsandbytes,
     is_quantized_linear,
+    plain_conv1d_names,
     quantized_paca_layer,
 )
 from .selection import Calibration, gradient_scores, random_columns, top_columns, weight_norm_scores
@@ -298,17 +301,25 @@ def merge_paca(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     The result is a plain model (``save_pretrained`` works; loading it needs no paca_lightning)
     with zero inference overhead. Works in place and returns ``model``.
 
-    Layers on a bitsandbytes base (QPaCA) become dense ``nn.Linear`` layers in ``dtype``
-    (default: the dtype of the model's other parameters) whose trained columns are exactly
-    ``scaling * paca_weight``; with ``requantize=True`` they are quantized again in the base's
-    format instead (lossy: trained values are rounded). Both options apply to such layers only.
+    On a bitsandbytes base (QPaCA) the export is dense by default: adapted layers become dense
+    layers in ``dtype`` (default: the dtype of the model's other parameters) whose trained
+    columns are exactly ``scaling * paca_weight``, layers PaCA did not adapt are dequantized to
+    the same dtype, each layer takes the type the architecture has unquantized (a GPT-2
+    ``Conv1D`` stays a ``Conv1D``) and the quantization record is dropped, so the checkpoint
+    loads with plain transformers. With ``requantize=True`` the adapted layers are quantized again
+    in the base's format instead (lossy: trained values are rounded) and the model stays a
+    consistent bitsandbytes model. Both options apply to models with QPaCA layers only.
     """
     quantized = [name for name, layer in paca_layers(model) if isinstance(layer, QuantizedPaCALinear)]
     if (dtype is not None or requantize) and not quantized:
         raise ValueError("merge_paca(dtype=..., requantize=...) applies to PaCA layers on a bitsandbytes "
                          "base, and this model has none; call merge_paca(model)")
+    export_dtype = dtype or dense_dtype_of(model)
+    dense_export = bool(quantized) and not requantize
+    conv1d_names = plain_conv1d_names(model) if dense_export else set()
     _release_all(model, merged=True, quantized_export={"dtype": dtype, "requantize": requantize})
-    if quantized and not requantize:
+    if dense_export:
+        dense_export_layers(model, export_dtype, conv1d_names)
         drop_quantization_markers(model)
     return model
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import PaCALayer, as_function_output, is_conv1d, is_plain_linear, validated_indices
+from .layers import Conv1D, PaCALayer, as_function_output, is_conv1d, is_plain_linear, validated_indices
 
 SUPPORTED_LAYERS = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization) and "
                     "Linear8bitLt (has_fp16_weights=False)")
@@ -487,6 +487,57 @@ class QuantizedPaCALinear(PaCALayer):
     def extra_repr(self) -> str:
         return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}), rank={self.rank}, scaling={self.scaling:g}")
+
+
+def plain_conv1d_names(model: nn.Module) -> set[str]:
+    """Names of the layers that are GPT-2 ``Conv1D`` in ``model``'s architecture unquantized.
+
+    transformers' bitsandbytes loading turns ``Conv1D`` (weight stored in x out) into ``Linear4bit``
+    (out x in); a dense export must turn them back, or a checkpoint would hold the weight in the
+    wrong layout (refused on load, or silently transposed for a square layer). Answered by building
+    the model's class from its config on the meta device (no memory, no weights).
+    """
+    config = getattr(model, "config", None)
+    # the user's class, not a wrapper's subclass of it (FSDP2's fully_shard makes "FSDP<Name>")
+    kind = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
+    from_config = getattr(kind, "_from_config", None)
+    if config is None or from_config is None:
+        return set()
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = from_config(config)
+    return {name for name, module in plain.named_modules() if is_conv1d(module)}
+
+
+def dense_export_layers(model: nn.Module, dtype: torch.dtype, conv1d_names: set[str]) -> None:
+    """Make ``model`` a plain dense model: every bitsandbytes layer left becomes a dense layer of
+    ``dtype`` holding its dequantized weight, and every dense ``nn.Linear`` named in
+    ``conv1d_names`` (a merged QPaCA layer or one dequantized here) becomes the ``Conv1D`` the
+    architecture has there, its weight transposed to (in x out)."""
+    def set_submodule(name: str, layer: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+    for name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            with torch.no_grad():
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device="meta")
+                dense.weight = nn.Parameter(dequantize_weight(module, dtype), requires_grad=False)
+                if module.bias is not None:
+                    dense.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
+            set_submodule(name, dense)
+    for name in conv1d_names:
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            conv = Conv1D(module.out_features, module.in_features)
+            conv.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+            conv.bias = module.bias if module.bias is not None else nn.Parameter(
+                torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+                requires_grad=False)
+            set_submodule(name, conv)
 
 
 def drop_quantization_markers(model: nn.Module) -> None:

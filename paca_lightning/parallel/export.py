@@ -23,7 +23,13 @@ from torch.distributed.tensor import DTensor
 from ..adapter import adapter_state, write_adapter
 from ..experts import PaCAExpertWeights
 from ..model import paca_layers
-from ..quantized import QuantizedPaCALinear, dense_dtype_of, dequantize_weight, is_quantized_linear
+from ..quantized import (
+    QuantizedPaCALinear,
+    dense_dtype_of,
+    dequantize_weight,
+    is_quantized_linear,
+    plain_conv1d_names,
+)
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
 _WRAPPER_NAME_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -163,9 +169,14 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
             weight.index_copy_(0, indices, columns.t())
         else:
             weight.index_copy_(1, indices, columns)
+    dequantized = {name for name, layer in layers.items() if isinstance(layer, QuantizedPaCALinear)}
     for name, module in inner.named_modules():
         if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
             state[f"{clean_name(name)}.weight"] = dequantize_weight(module, dense_dtype_of(inner)).cpu()
+            dequantized.add(clean_name(name))
+    if dequantized:  # a layer the architecture has as a GPT-2 Conv1D stores its weight in x out
+        for name in dequantized & plain_conv1d_names(inner):
+            state[f"{name}.weight"] = state[f"{name}.weight"].t().contiguous()
     return state
 
 
