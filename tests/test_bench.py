@@ -178,3 +178,16 @@ def test_results_are_on_disk_before_the_long_qlora_phase_starts(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--output-dir", str(tmp_path)])
     assert {row["method"] for row in json.loads((tmp_path / "results.json").read_text())["results"]} == set(METHODS)
+
+
+def test_moe_row_compares_paca_and_peft_lora_on_the_same_fused_experts():
+    from paca_lightning.bench.moe import run_moe_benchmark
+
+    row = run_moe_benchmark(hidden=32, intermediate=48, experts=4, layers=1, batch_size=2, sequence_length=16,
+                            lora_rank=2, rounds=2, warmup=1)
+    paca, lora = row["methods"]["paca"], row["methods"]["lora"]
+    # PaCA at rank 2r trains 2r columns of every expert's two weights, nothing else
+    assert paca["trainable"] == 4 * (2 * 48 + 32) * 4
+    # LoRA at rank r: per expert, A (r x in) and B (out x r) for each weight
+    assert lora["trainable"] == 4 * 2 * ((32 + 2 * 48) + (48 + 32))
+    assert row["paca_over_lora"]["saved_bytes"] == paca["saved_bytes"] / lora["saved_bytes"]
