@@ -161,3 +161,18 @@ def test_weight_norm_selection_ranks_columns_per_expert():
 def test_qpaca_refuses_fused_expert_weights_by_name():
     with pytest.raises(ValueError, match=r"quantize='nf4'.*experts\.gate_up_proj.*exclude_modules"):
         apply_paca(make_tiny_mixtral(), PaCAConfig(rank=4, quantize="nf4"))
+
+
+def test_gradient_selection_ranks_each_experts_columns_by_its_gradient():
+    base, batch = make_tiny_mixtral(), token_batch()
+    reference = copy.deepcopy(base)
+    weight = reference.model.layers[0].mlp.experts.gate_up_proj
+    weight.requires_grad_(True)
+    reference.eval()
+    reference(**batch).loss.backward()
+    model = apply_paca(base, PaCAConfig(rank=4, selection="gradient", target_modules=["gate_up_proj"]),
+                       calibration=batch)
+    layer = model.model.layers[0].mlp.experts.gate_up_proj
+    for expert in range(weight.shape[0]):
+        want = weight.grad[expert].norm(dim=0).topk(4).indices.sort().values
+        assert torch.equal(layer.paca_indices[expert], want)
