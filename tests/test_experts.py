@@ -176,3 +176,10 @@ def test_gradient_selection_ranks_each_experts_columns_by_its_gradient():
     for expert in range(weight.shape[0]):
         want = weight.grad[expert].norm(dim=0).topk(4).indices.sort().values
         assert torch.equal(layer.paca_indices[expert], want)
+
+
+def test_fsdp1_delta_form_refuses_fused_expert_weights_naming_fsdp2():
+    from paca_lightning.parallel import use_delta_form
+
+    with pytest.raises(NotImplementedError, match=r"experts\.gate_up_proj.*FSDP2"):
+        use_delta_form(apply_paca(make_tiny_mixtral(), PaCAConfig(rank=4)))
