@@ -22,6 +22,7 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write
 from .config import PaCAConfig
+from .experts import PaCAExpertWeights, expert_parameters
 from .layers import in_features_of, is_conv1d, out_features_of
 from .model import apply_paca, paca_layers, sync_paca_columns
 
@@ -47,8 +48,9 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         tensors[f"{name}.paca_weight"] = layer.paca_weight.detach()
         tensors[f"{name}.paca_indices"] = layer.paca_indices.to(torch.int32)
         modules[name] = {"rank": layer.rank, "scaling": layer.scaling, "in_features": layer.in_features,
-                         "out_features": layer.out_features,
-                         "layout": "conv1d" if layer.transposed else "linear"}
+                         "out_features": layer.out_features, "layout": _layout(layer)}
+        if isinstance(layer, PaCAExpertWeights):
+            modules[name]["num_experts"] = layer.num_experts
     extra = [name for name, param in model.named_parameters()
              if param.requires_grad and not name.endswith(".paca_weight")]
     params = dict(model.named_parameters())
@@ -58,6 +60,12 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
                    "paca_lightning_version": __version__, "config": config.to_dict(),
                    "modules": modules, "extra_parameters": extra}
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, description
+
+
+def _layout(layer) -> str:
+    if isinstance(layer, PaCAExpertWeights):  # fused expert weight: experts x out x in (or x in x out)
+        return "experts_transposed" if layer.transposed else "experts"
+    return "conv1d" if layer.transposed else "linear"
 
 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:
@@ -126,11 +134,13 @@ def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match {config_path}: missing tensors {missing[:5]}, "
                          f"unexpected tensors {unexpected[:5]}")
+    layouts = {f"{name}.paca_indices": meta["layout"] for name, meta in description["modules"].items()}
     for key, tensor in tensors.items():
         if key.endswith(".paca_indices"):
-            if tensor.dtype not in (torch.int32, torch.int64) or tensor.ndim != 1:
+            ndim = 2 if layouts.get(key, "").startswith("experts") else 1  # experts: a row of columns per expert
+            if tensor.dtype not in (torch.int32, torch.int64) or tensor.ndim != ndim:
                 raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}; "
-                                 "column indices are a 1-D int32 or int64 tensor")
+                                 f"column indices are a {ndim}-D int32 or int64 tensor")
         elif not tensor.is_floating_point():
             raise ValueError(f"{weights_path}: {key} is a {tensor.dtype} tensor; trained values are floating point")
         elif not torch.isfinite(tensor).all():
@@ -138,6 +148,7 @@ def read_adapter(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     return description, tensors
 
 
+LAYOUTS = ("linear", "conv1d", "experts", "experts_transposed")
 _MODULE_FIELDS = {"rank": int, "scaling": (int, float), "in_features": int, "out_features": int, "layout": str}
 
 
@@ -150,9 +161,21 @@ def _check_module_entry(config_path: Path, name: str, meta: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ValueError(f"{config_path}: modules[{name!r}][{field!r}] is {value!r}, expected "
                              f"{'a string' if kinds is str else 'a number'}")
-    if meta["layout"] not in ("linear", "conv1d"):
-        raise ValueError(f"{config_path}: modules[{name!r}]['layout'] is {meta['layout']!r}, expected "
-                         "'linear' or 'conv1d'")
+    if meta["layout"] not in LAYOUTS:
+        raise ValueError(f"{config_path}: modules[{name!r}]['layout'] is {meta['layout']!r}, expected one of "
+                         f"{list(LAYOUTS)}")
+
+
+def _check_expert_shapes(name: str, meta: dict, target, paca: torch.Tensor, weights_path: Path) -> None:
+    found = (meta.get("num_experts"), meta["in_features"], meta["out_features"])
+    expected = (target.num_experts, target.in_features, target.out_features)
+    if found != expected:
+        raise ValueError(f"adapter module {name!r} was trained on (experts, in_features, out_features)={found}, "
+                         f"but the model's fused expert weight has {expected}; load the adapter onto the base "
+                         "model it was trained on")
+    if tuple(paca.shape) != (expected[0], expected[2], meta["rank"]):
+        raise ValueError(f"{weights_path}: {name}.paca_weight has shape {tuple(paca.shape)}, "
+                         f"expected {(expected[0], expected[2], meta['rank'])}")
 
 
 def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = True) -> nn.Module:
@@ -164,8 +187,12 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
     description, tensors = read_adapter(directory)
     config = PaCAConfig.from_dict(description["config"])
     modules = dict(model.named_modules())
+    experts = expert_parameters(model)
     weights_path = Path(directory) / WEIGHTS_NAME
     for name, meta in description["modules"].items():
+        if name in experts:
+            _check_expert_shapes(name, meta, experts[name], tensors[f"{name}.paca_weight"], weights_path)
+            continue
         if name not in modules:
             continue  # apply_paca reports every missing name with close matches
         module = modules[name]
@@ -183,8 +210,10 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
                              f"expected {(meta['out_features'], meta['rank'])}")
     # apply_paca keeps indices sorted; a file listing them in another order keeps its columns in
     # that order, so both are put in sorted order together
-    order = {name: tensors[f"{name}.paca_indices"].to(torch.int64).argsort() for name in description["modules"]}
-    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64)[order[name]] for name in description["modules"]}
+    # (per expert for fused expert weights: the last dimension holds the columns)
+    order = {name: tensors[f"{name}.paca_indices"].to(torch.int64).argsort(-1) for name in description["modules"]}
+    indices = {name: tensors[f"{name}.paca_indices"].to(torch.int64).gather(-1, order[name])
+               for name in description["modules"]}
     apply_paca(model, config, indices=indices)
 
     params = dict(model.named_parameters())
@@ -194,7 +223,8 @@ def load_adapter(model: nn.Module, directory: PathLike, *, trainable: bool = Tru
             if layer.scaling != expected_scaling:
                 raise ValueError(f"adapter module {name!r}: config gives scaling {layer.scaling}, "
                                  f"the file records {expected_scaling}")
-            layer.paca_weight.copy_(tensors[f"{name}.paca_weight"][:, order[name]])
+            columns = tensors[f"{name}.paca_weight"]
+            layer.paca_weight.copy_(columns.gather(-1, order[name].unsqueeze(-2).expand_as(columns)))
         for name in description["extra_parameters"]:
             if name not in params:
                 raise ValueError(f"{weights_path} holds parameter {name!r}, which the model lacks")

@@ -12,16 +12,25 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig, selects
+from .experts import (
+    ExpertParameter,
+    PaCAExpertWeights,
+    expert_parameters,
+    install_paca_forward,
+    is_fused_experts,
+    release_paca_forward,
+)
 from .layers import PaCALayer, PaCALinear, in_features_of, is_conv1d, is_plain_linear
 from .quantized import (
     QuantizedPaCALinear,
     check_quantized_targets,
     dense_dtype_of,
-    dequantize_model,
+    dense_export_layers,
     dequantize_weight,
     drop_quantization_markers,
     import_bitsandbytes,
     is_quantized_linear,
+    plain_conv1d_names,
     quantized_paca_layer,
 )
 from .selection import Calibration, gradient_scores, random_columns, top_columns, weight_norm_scores
@@ -36,9 +45,9 @@ def paca_layers(model: nn.Module) -> Iterator[tuple[str, PaCALayer]]:
             yield name, module
 
 
-def _dense_paca_layers(model: nn.Module) -> Iterator[PaCALinear]:
+def _dense_paca_layers(model: nn.Module) -> Iterator[PaCALayer]:
     """The layers whose weight holds the trained columns (not QPaCA's, which never does)."""
-    return (layer for _, layer in paca_layers(model) if isinstance(layer, PaCALinear))
+    return (layer for _, layer in paca_layers(model) if not isinstance(layer, QuantizedPaCALinear))
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -56,23 +65,38 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _selects_unit(selector, name: str, unit, all_linear: set[str]) -> bool:
+    """A fused expert weight is also selected through its experts module's name (``"experts"``)."""
+    if selects(selector, name, all_linear):
+        return True
+    return isinstance(unit, ExpertParameter) and selects(selector, name.rpartition(".")[0], set())
+
+
 def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
     """``{name: module}`` that ``config.target_modules`` minus ``config.exclude_modules`` selects
-    (`PaCAConfig`, or any object with those two fields); raises naming what is wrong."""
+    (`PaCAConfig`, or any object with those two fields); raises naming what is wrong.
+
+    Besides layers, the units are the fused 3-D weights of transformers' experts modules, named
+    ``<experts module>.<weight>`` (e.g. ``mlp.experts.gate_up_proj``, an `ExpertParameter`);
+    naming the experts module selects (or excludes) both of its weights.
+    """
     modules = dict(model.named_modules(remove_duplicate=False))  # every alias: `_refuse_shared` checks them
+    experts = expert_parameters(model)
     heads = _output_head_names(model)
-    all_linear = {name for name, m in modules.items() if is_adaptable(m) and name not in heads}
-    chosen = {name: m for name, m in modules.items()
-              if name and selects(config.target_modules, name, all_linear)}
+    all_linear = {name for name, m in modules.items() if is_adaptable(m) and name not in heads} | set(experts)
+    units = {**modules, **experts}
+    chosen = {name: m for name, m in units.items() if name and not is_fused_experts(m)
+              and _selects_unit(config.target_modules, name, m, all_linear)}
     if config.exclude_modules is not None:
         chosen = {name: m for name, m in chosen.items()
-                  if not selects(config.exclude_modules, name, all_linear)}
+                  if not _selects_unit(config.exclude_modules, name, m, all_linear)}
 
     if isinstance(config.target_modules, list):
         leaf_names = sorted({name.split(".")[-1] for name in modules if name})
         for key in config.target_modules:
-            if not any(name == key or name.endswith("." + key) for name in modules if name):
-                close = difflib.get_close_matches(key.split(".")[-1], leaf_names, n=5, cutoff=0.5)
+            if not any(name == key or name.endswith("." + key) for name in units if name):
+                close = difflib.get_close_matches(key.split(".")[-1], leaf_names + sorted(
+                    {name.split(".")[-1] for name in experts}), n=5, cutoff=0.5)
                 raise ValueError(f"{type(config).__name__}.target_modules entry {key!r} matches no module of "
                                  f"{type(model).__name__}; close matches: {close or 'none'}; "
                                  f"linear layers here are named e.g. {_examples(all_linear)}")
@@ -81,11 +105,11 @@ def find_targets(model: nn.Module, config) -> dict[str, nn.Module]:
                          f"{config.exclude_modules!r}) selects no module of {type(model).__name__}; "
                          f"linear layers here are named e.g. {_examples(all_linear)}")
     for name, module in chosen.items():
-        if not is_adaptable(module):
+        if not isinstance(module, ExpertParameter) and not is_adaptable(module):
             raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}. PaCA adapts torch.nn.Linear "
-                            "(and subclasses keeping its forward), transformers Conv1D and bitsandbytes "
-                            "Linear4bit/Linear8bitLt layers only. "
-                            f"Narrow target_modules to linear layers, e.g. {_examples(all_linear)}")
+                            "(and subclasses keeping its forward), transformers Conv1D, bitsandbytes "
+                            "Linear4bit/Linear8bitLt layers and the fused weights of transformers experts "
+                            f"modules only. Narrow target_modules to those, e.g. {_examples(all_linear)}")
     return chosen
 
 
@@ -109,7 +133,8 @@ def _refuse_shared(model: nn.Module, targets: Mapping[str, nn.Module]) -> None:
             raise ValueError(f"module {name!r} is also registered as {aliases[:3]}; PaCA replaces a layer "
                              "under one name, so the other would keep the unadapted layer. Adapt a model in "
                              f"which each layer has one name, or leave {name!r} out of target_modules")
-        weight_owners = [other for other in param_names.get(id(module.weight), []) if other != f"{name}.weight"]
+        own_name = name if isinstance(module, ExpertParameter) else f"{name}.weight"
+        weight_owners = [other for other in param_names.get(id(module.weight), []) if other != own_name]
         if weight_owners:
             raise ValueError(f"module {name!r} shares its weight with {weight_owners[:3]} (tied weights, e.g. "
                              "an output head tied to the input embedding). PaCA trains columns of the weight "
@@ -124,6 +149,10 @@ def _not_adaptable_reason(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return (f"{kind}, a subclass of nn.Linear with a forward of its own; PaCA replaces the forward by the "
                 "plain x @ W^T + b, which would silently change what this layer computes")
+    fused = [name for name, param in module.named_parameters(recurse=False) if param.ndim == 3]
+    if fused:
+        return (f"{kind} holding 3-D weights {fused} without transformers' use_experts_implementation flags "
+                "(has_gate, has_bias, is_transposed), so PaCA cannot know how it computes with them")
     return kind
 
 
@@ -161,20 +190,26 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         raise RuntimeError(f"PaCA is already applied to this model (module {already[0]!r} is a "
                            "PaCALinear); call merge_paca(model) or unload_paca(model) first")
     if indices is not None:
-        modules = dict(model.named_modules())
+        modules = {**dict(model.named_modules()), **expert_parameters(model)}
         missing = sorted(name for name in indices if name not in modules)
         if missing:
             raise ValueError(f"modules {missing[:5]} do not exist in {type(model).__name__}; close "
                              f"matches: {difflib.get_close_matches(missing[0], list(modules), n=3)}")
         targets = {name: modules[name] for name in indices}
         for name, module in targets.items():
-            if not is_adaptable(module):
+            if not isinstance(module, ExpertParameter) and not is_adaptable(module):
                 raise TypeError(f"module {name!r} is a {_not_adaptable_reason(module)}; PaCA adapts nn.Linear, "
-                                "Conv1D and bitsandbytes Linear4bit/Linear8bitLt layers")
+                                "Conv1D, bitsandbytes Linear4bit/Linear8bitLt layers and fused expert weights")
     else:
         targets = find_targets(model, config)
 
     _refuse_shared(model, targets)
+    fused = sorted(name for name, module in targets.items() if isinstance(module, ExpertParameter))
+    if config.quantize is not None and fused:
+        raise ValueError(f"PaCAConfig.quantize={config.quantize!r}: the fused expert weights {fused[:3]} are 3-D "
+                         "tensors, which bitsandbytes' Linear4bit/Linear8bitLt cannot hold, so QPaCA cannot "
+                         "quantize them. Train them dense (quantize=None), or leave them out with "
+                         "exclude_modules=['experts']")
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
     check_quantized_targets(config.selection, config.quantize, targets)
@@ -187,7 +222,7 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
                              "or an empty-init context, or offloaded by accelerate's device_map); PaCA starts "
                              "paca_weight from the pretrained columns, so load the weights onto a real device "
                              "(no disk/CPU offload of adapted layers) before apply_paca")
-        rank, in_features = config.rank_for(name), in_features_of(module)
+        rank, in_features = config.rank_for(name), _in_features(module)
         if indices is None and rank > in_features:
             raise ValueError(f"PaCA rank {rank} for module {name!r} exceeds its in_features="
                              f"{in_features}; use rank <= {in_features} (rank_pattern can set "
@@ -205,11 +240,10 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
         scores = gradient_scores(model, targets, calibration)
         chosen = {name: top_columns(scores[name], config.rank_for(name)) for name in targets}
     elif config.selection == "weight_norm":
-        chosen = {name: top_columns(weight_norm_scores(_dense_weight(m), is_conv1d(m)), config.rank_for(name))
+        chosen = {name: top_columns(weight_norm_scores(_dense_weight(m), _transposed(m)), config.rank_for(name))
                   for name, m in targets.items()}
     else:
-        chosen = {name: random_columns(in_features_of(m), config.rank_for(name), config.seed, name)
-                  for name, m in targets.items()}
+        chosen = {name: _random_columns(m, config.rank_for(name), config.seed, name) for name, m in targets.items()}
 
     if config.bias == "all":  # after the selection, so a calibration pass leaves no bias gradients
         for name, param in model.named_parameters():
@@ -217,8 +251,13 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
                 param.requires_grad_(True)
 
     for name, module in targets.items():
-        rank = chosen[name].numel()
+        rank = chosen[name].shape[-1]
         scaling = config.alpha_for(name) / rank
+        if isinstance(module, ExpertParameter):
+            layer = PaCAExpertWeights(module, chosen[name], scaling, _resolve_paca_dtype(config, module.weight.dtype))
+            set_submodule(model, name, layer)
+            install_paca_forward(module.owner)
+            continue
         if config.quantize is not None or is_quantized_linear(module):
             # A quantized base dequantizes to float32 exactly, so "auto" keeps float32 columns.
             layer = quantized_paca_layer(module, chosen[name], scaling, config.quantize,
@@ -231,15 +270,35 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     return model
 
 
+def _in_features(unit) -> int:
+    return unit.in_features if isinstance(unit, ExpertParameter) else in_features_of(unit)
+
+
+def _transposed(unit) -> bool:
+    return unit.transposed if isinstance(unit, ExpertParameter) else is_conv1d(unit)
+
+
+def _random_columns(unit, rank: int, seed: int, name: str) -> torch.Tensor:
+    """Seeded by (seed, name), and for a fused expert weight by (seed, ``<name>.<expert index>``)."""
+    if isinstance(unit, ExpertParameter):
+        return torch.stack([random_columns(unit.in_features, rank, seed, f"{name}.{expert}")
+                            for expert in range(unit.num_experts)])
+    return random_columns(in_features_of(unit), rank, seed, name)
+
+
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight as stored, or dequantized to float32 for a bitsandbytes base."""
     return dequantize_weight(module, torch.float32) if is_quantized_linear(module) else module.weight
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule ``name`` of ``model`` by ``module``."""
+    """Replace the submodule ``name`` of ``model`` by ``module`` (a fused expert weight, a Parameter,
+    and its `PaCAExpertWeights` take each other's place the same way)."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(module, nn.Module) and child in parent._parameters:
+        delattr(parent, child)  # nn.Module refuses to assign a module over a parameter
+    setattr(parent, child, module)
 
 
 def merge_paca(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
@@ -249,23 +308,25 @@ def merge_paca(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     The result is a plain model (``save_pretrained`` works; loading it needs no paca_lightning)
     with zero inference overhead. Works in place and returns ``model``.
 
-    Layers on a bitsandbytes base (QPaCA) become dense layers in ``dtype`` (default: the dtype of
-    the model's other parameters) whose trained columns are exactly ``scaling * paca_weight``, in
-    the model's own layout (a GPT-2 ``Conv1D`` stays a ``Conv1D``), and so do bitsandbytes layers
-    PaCA did not adapt: the result is a dense model. With ``requantize=True`` the adapted layers
-    are quantized again in the base's format instead (lossy: trained values are rounded) and the
-    others stay quantized. Both options apply to models with such layers only.
+    On a bitsandbytes base (QPaCA) the export is dense by default: adapted layers become dense
+    layers in ``dtype`` (default: the dtype of the model's other parameters) whose trained
+    columns are exactly ``scaling * paca_weight``, layers PaCA did not adapt are dequantized to
+    the same dtype, each layer takes the type the architecture has unquantized (a GPT-2
+    ``Conv1D`` stays a ``Conv1D``) and the quantization record is dropped, so the checkpoint
+    loads with plain transformers. With ``requantize=True`` the adapted layers are quantized again
+    in the base's format instead (lossy: trained values are rounded) and the model stays a
+    consistent bitsandbytes model. Both options apply to models with QPaCA layers only.
     """
     quantized = [name for name, layer in paca_layers(model) if isinstance(layer, QuantizedPaCALinear)]
     if (dtype is not None or requantize) and not quantized:
         raise ValueError("merge_paca(dtype=..., requantize=...) applies to PaCA layers on a bitsandbytes "
                          "base, and this model has none; call merge_paca(model)")
     export_dtype = dtype or dense_dtype_of(model)
+    dense_export = bool(quantized) and not requantize
+    conv1d_names = plain_conv1d_names(model) if dense_export else set()
     _release_all(model, merged=True, quantized_export={"dtype": dtype, "requantize": requantize})
-    if quantized and not requantize:
-        # bitsandbytes layers PaCA did not adapt go dense too: a checkpoint mixing dense layers with
-        # a quantization record crashes on its first forward after loading
-        dequantize_model(model, export_dtype)
+    if dense_export:
+        dense_export_layers(model, export_dtype, conv1d_names)
         drop_quantization_markers(model)
     return model
 
@@ -286,6 +347,7 @@ def _release_all(model: nn.Module, merged: bool, quantized_export: Optional[dict
             set_submodule(model, name, layer.merged_module(**(quantized_export or {})))
         else:
             set_submodule(model, name, layer.merged_module())
+    release_paca_forward(model)
     if "paca_config" in vars(model):
         del model.paca_config
     return model
@@ -361,7 +423,8 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
     weight_values = {}
     for _, layer in paca_layers(model):
         paca_weights.add(id(layer.paca_weight))
-        weight_values[id(layer.weight)] = layer.in_features * layer.out_features  # packed bytes or dense
+        # packed bytes or dense
+        weight_values[id(layer.weight)] = getattr(layer, "num_experts", 1) * layer.in_features * layer.out_features
     trainable = total = 0
     untrained: dict[str, int] = {}
     skipped = _embedding_and_head_parameters(model) | set(weight_values)

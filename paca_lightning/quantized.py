@@ -119,38 +119,6 @@ def _int8_row_scales(module: nn.Module) -> torch.Tensor:
     return scales
 
 
-def replaced_conv1d(module: nn.Module) -> bool:
-    """Whether transformers made this bitsandbytes layer from a GPT-2 ``Conv1D`` (it records the
-    original class as ``source_cls``): its weight is stored out x in, the model's config expects
-    a ``Conv1D`` (in x out) in a dense checkpoint."""
-    source = getattr(module, "source_cls", None)
-    return Conv1D is not None and isinstance(source, type) and issubclass(source, Conv1D)
-
-
-def dense_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], conv1d: bool) -> nn.Module:
-    """A plain layer over an (out x in) dense ``weight``: ``nn.Linear``, or a ``Conv1D`` holding the
-    transpose where the model was built with one, so a saved checkpoint loads as the config says."""
-    out_features, in_features = weight.shape
-    if conv1d:
-        layer = Conv1D(out_features, in_features)
-        layer.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-    else:
-        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-    layer.bias = bias
-    return layer
-
-
-def dequantize_model(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every bitsandbytes layer left in ``model`` by its dense equivalent in ``dtype``."""
-    for name, module in list(model.named_modules()):
-        if is_quantized_linear(module):
-            bias = None if module.bias is None else nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    dense_layer(dequantize_weight(module, dtype), bias, replaced_conv1d(module)))
-
-
 def restore_standard_layout(module: nn.Module) -> None:
     """Undo bitsandbytes' CPU repacking of a 4-bit layer's bytes, in place.
 
@@ -458,13 +426,13 @@ class QuantizedPaCALinear(PaCALayer):
             weight = self.effective_weight(self.paca_weight, dtype)
             bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(dtype),
                                                                requires_grad=self.bias.requires_grad)
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = bias
         if not requantize:
-            return dense_layer(weight, bias, replaced_conv1d(self.quantized_base))
-        dense = dense_layer(weight, bias, conv1d=False)
+            return dense  # merge_paca gives it the architecture's layer type (`dense_export_layers`)
         if self.kind == "8bit":
-            layer = quantize_linear(dense, "int8")
-            layer.source_cls = getattr(self.quantized_base, "source_cls", nn.Linear)
-            return layer
+            return quantize_linear(dense, "int8")
         state = self.quant_state
         bnb = import_bitsandbytes("requantize=True")
         layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None,
@@ -476,7 +444,6 @@ class QuantizedPaCALinear(PaCALayer):
         with backend_errors(state.quant_type, weight.device):
             layer.weight = layer.weight._quantize(weight.device)
         layer.bias = bias
-        layer.source_cls = getattr(self.quantized_base, "source_cls", nn.Linear)  # as transformers records it
         return layer
 
     def base_module(self) -> nn.Module:
@@ -528,6 +495,57 @@ class QuantizedPaCALinear(PaCALayer):
     def extra_repr(self) -> str:
         return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}), rank={self.rank}, scaling={self.scaling:g}")
+
+
+def plain_conv1d_names(model: nn.Module) -> set[str]:
+    """Names of the layers that are GPT-2 ``Conv1D`` in ``model``'s architecture unquantized.
+
+    transformers' bitsandbytes loading turns ``Conv1D`` (weight stored in x out) into ``Linear4bit``
+    (out x in); a dense export must turn them back, or a checkpoint would hold the weight in the
+    wrong layout (refused on load, or silently transposed for a square layer). Answered by building
+    the model's class from its config on the meta device (no memory, no weights).
+    """
+    config = getattr(model, "config", None)
+    # the user's class, not a wrapper's subclass of it (FSDP2's fully_shard makes "FSDP<Name>")
+    kind = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
+    from_config = getattr(kind, "_from_config", None)
+    if config is None or from_config is None:
+        return set()
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = from_config(config)
+    return {name for name, module in plain.named_modules() if is_conv1d(module)}
+
+
+def dense_export_layers(model: nn.Module, dtype: torch.dtype, conv1d_names: set[str]) -> None:
+    """Make ``model`` a plain dense model: every bitsandbytes layer left becomes a dense layer of
+    ``dtype`` holding its dequantized weight, and every dense ``nn.Linear`` named in
+    ``conv1d_names`` (a merged QPaCA layer or one dequantized here) becomes the ``Conv1D`` the
+    architecture has there, its weight transposed to (in x out)."""
+    def set_submodule(name: str, layer: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+    for name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            with torch.no_grad():
+                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device="meta")
+                dense.weight = nn.Parameter(dequantize_weight(module, dtype), requires_grad=False)
+                if module.bias is not None:
+                    dense.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
+            set_submodule(name, dense)
+    for name in conv1d_names:
+        module = model.get_submodule(name)
+        if type(module) is nn.Linear:
+            conv = Conv1D(module.out_features, module.in_features)
+            conv.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+            conv.bias = module.bias if module.bias is not None else nn.Parameter(
+                torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device),
+                requires_grad=False)
+            set_submodule(name, conv)
 
 
 def drop_quantization_markers(model: nn.Module) -> None:

@@ -29,13 +29,18 @@ def random_columns(in_features: int, rank: int, seed: int, module_name: str) -> 
 
 
 def top_columns(scores: torch.Tensor, rank: int) -> torch.Tensor:
-    return torch.topk(scores.float().cpu(), rank).indices.sort().values
+    """The ``rank`` highest-scoring columns, sorted; per row for a fused expert weight's (experts x in)."""
+    return torch.topk(scores.float().cpu(), rank, dim=-1).indices.sort(dim=-1).values
 
 
 def weight_norm_scores(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """L2 norm of each input column of a dense weight (out x in, or in x out when ``transposed``)."""
-    weight = weight.detach().float()
-    return weight.norm(dim=1) if transposed else weight.norm(dim=0)
+    """L2 norm of each input column of a dense weight (out x in, or in x out when ``transposed``),
+    per expert for a fused expert weight (experts x out x in, or experts x in x out)."""
+    return column_norms(weight.detach().float(), transposed)
+
+
+def column_norms(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return weight.norm(dim=-1) if transposed else weight.norm(dim=-2)
 
 
 @torch.enable_grad()
@@ -57,9 +62,10 @@ def gradient_scores(model: nn.Module, modules: Mapping[str, nn.Module],
         weight.requires_grad_(True)
 
         def take_scores(param, name=name, module=module):
-            grad = param.grad.detach().float()
-            column_norms = grad.norm(dim=1) if is_conv1d(module) else grad.norm(dim=0)
-            scores[name] = scores.get(name, 0) + column_norms.cpu()
+            # a fused expert weight (ExpertParameter) says its layout; a layer is Linear or Conv1D
+            transposed = getattr(module, "transposed", None)
+            norms = column_norms(param.grad.detach().float(), is_conv1d(module) if transposed is None else transposed)
+            scores[name] = scores.get(name, 0) + norms.cpu()
             param.grad = None
 
         handles.append(weight.register_post_accumulate_grad_hook(take_scores))

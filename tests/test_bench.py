@@ -196,3 +196,18 @@ def test_lora_runs_as_peft_builds_it_by_default_and_lora_native_in_the_models_dt
         adapters[method] = {p.dtype for p in trainee.trainable()}
     assert adapters == {"lora": {torch.float32}, "lora_native": {torch.bfloat16}}
     assert "lora_native" not in default_methods("float32") and "lora_native" in default_methods("bfloat16")
+
+
+
+
+def test_moe_row_compares_paca_and_peft_lora_on_the_same_fused_experts():
+    from paca_lightning.bench.moe import run_moe_benchmark
+
+    row = run_moe_benchmark(hidden=32, intermediate=48, experts=4, layers=1, batch_size=2, sequence_length=16,
+                            lora_rank=2, rounds=2, warmup=1)
+    paca, lora = row["methods"]["paca"], row["methods"]["lora"]
+    # PaCA at rank 2r trains 2r columns of every expert's two weights, nothing else
+    assert paca["trainable"] == 4 * (2 * 48 + 32) * 4
+    # LoRA at rank r: per expert, A (r x in) and B (out x r) for each weight
+    assert lora["trainable"] == 4 * 2 * ((32 + 2 * 48) + (48 + 32))
+    assert row["paca_over_lora"]["saved_bytes"] == paca["saved_bytes"] / lora["saved_bytes"]

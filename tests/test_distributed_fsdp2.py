@@ -166,3 +166,7 @@ def test_bitsandbytes_layers_paca_does_not_adapt_are_refused_before_sharding():
     model.model.layers[0].self_attn.k_proj = quantize_linear(model.model.layers[0].self_attn.k_proj, "nf4")
     with pytest.raises(ValueError, match=r"bitsandbytes layers \['model.layers.0.self_attn.k_proj'\].*target_modules"):
         shard_paca_model(model)
+
+
+def test_fsdp2_fused_expert_weights_sharded_on_the_expert_dim_stay_exact():
+    assert results(PLAIN)["fsdp2_mixtral_error"] < TOLERANCE

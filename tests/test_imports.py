@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "paca_lightning"
 LAYERS = [
     ["_version", "atomic", "config", "loss"],
     ["layers"],
-    ["quantized", "selection"],
+    ["experts", "quantized", "selection"],
     ["model"],
     ["adapter"],
     ["parallel"],
@@ -23,7 +23,8 @@ LAYERS = [
     ["bench", "cli", "doctor", "launcher"],
 ]
 CORE = ["paca_lightning.layers", "paca_lightning.config", "paca_lightning.model", "paca_lightning.adapter",
-        "paca_lightning.quantized", "paca_lightning.selection", "paca_lightning.loss"]
+        "paca_lightning.quantized", "paca_lightning.selection", "paca_lightning.loss",
+        "paca_lightning.experts"]
 
 
 def module_name(path: Path) -> str:

@@ -175,3 +175,13 @@ def test_every_recipe_config_parses(config, capsys, monkeypatch):
     printed = capsys.readouterr().out
     method = re.search(r"^  method: (\w+)$", printed, re.MULTILINE).group(1)
     assert method == ("lora" if "lora" in config.name else "paca")
+
+
+def test_lora_baseline_refuses_fused_expert_weights_and_names_the_fix():
+    from paca_lightning.training.lora import apply_lora
+    from tests.helpers import make_tiny_mixtral
+
+    with pytest.raises(ValueError, match=r"experts\.gate_up_proj.*exclude_modules=\['experts'\]"):
+        apply_lora(make_tiny_mixtral(), LoRASettings(rank=4))
+    wrapped = apply_lora(make_tiny_mixtral(), LoRASettings(rank=4, exclude_modules=["experts"]))
+    assert any("lora_A" in name for name, _ in wrapped.named_parameters())

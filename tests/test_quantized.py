@@ -497,3 +497,54 @@ def test_a_merged_4bit_model_keeps_the_base_layout_and_loads_with_plain_transfor
     if family == "gpt2":
         assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     torch.testing.assert_close(_plain_logits(tmp_path / "merged", tmp_path), trained, rtol=1e-4, atol=1e-4)
+
+
+def save_tiny(make, path):
+    make().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make,targets", [(make_tiny_gpt2, "all-linear"), (make_tiny_gpt2, ["c_attn"]),
+                                          (make_tiny_llama, ["q_proj", "v_proj"])],
+                         ids=["gpt2-all", "gpt2-some", "llama-some"])
+@pytest.mark.parametrize("exporter", ["merge_paca", "export_merged"])
+def test_merged_export_of_a_4bit_model_keeps_the_base_layout_and_loads_with_transformers(
+        make, targets, exporter, tmp_path):
+    from paca_lightning.parallel import export_merged
+
+    base = save_tiny(make, tmp_path / "base")
+    model = apply_paca(load_4bit(base, "nf4", True), PaCAConfig(rank=4, alpha=8, target_modules=targets))
+    perturb_columns(model)
+    batch = token_batch()
+    model.train()  # bitsandbytes' own eval path repacks 4-bit weights for a CPU kernel
+    with torch.no_grad():
+        expected = model(**batch).logits
+    if exporter == "merge_paca":
+        merge_paca(model).save_pretrained(tmp_path / "merged")
+    else:
+        export_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").train()
+    reference = AutoModelForCausalLM.from_pretrained(base)
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert [type(m) for m in plain.modules()] == [type(m) for m in reference.modules()]
+    for name, module in reference.named_modules():  # every weight in the layout of the base
+        if hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):
+            assert plain.get_submodule(name).weight.shape == module.weight.shape, name
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_requantized_export_of_a_partly_adapted_4bit_model_reloads_quantized(checkpoint, tmp_path):
+    model = apply_paca(load_4bit(checkpoint, "nf4", True),
+                       PaCAConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    perturb_columns(model)
+    merge_paca(model, requantize=True).save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").train()
+    assert reloaded.config.quantization_config.load_in_4bit
+    kinds = {type(reloaded.get_submodule(f"model.layers.0.{name}")).__name__
+             for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")}
+    assert kinds == {"Linear4bit"}
+    model.train()
+    batch = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -23,13 +23,14 @@ from torch.distributed.tensor import DTensor
 
 from ..adapter import adapter_state, write_adapter
 from ..atomic import atomic_directory_write, publish_directory, temporary_directory_for
+from ..experts import PaCAExpertWeights
 from ..model import paca_layers
 from ..quantized import (
     QuantizedPaCALinear,
     dense_dtype_of,
     dequantize_weight,
     is_quantized_linear,
-    replaced_conv1d,
+    plain_conv1d_names,
 )
 
 # Names wrappers insert into module paths; adapters and exports use the model's own names.
@@ -151,12 +152,24 @@ def merged_state_dict(model: nn.Module, root: Optional[nn.Module] = None) -> dic
     state = _full_tensors(inner, root, lambda name: True, rank0_only=True)
     if _rank() != 0:
         return {}
-    _merge_columns(state, {clean_name(name): layer for name, layer in paca_layers(inner)})
+    layers = {clean_name(name): layer for name, layer in paca_layers(inner)}
+    _merge_columns(state, layers)
+    dequantized = {name for name, layer in layers.items() if isinstance(layer, QuantizedPaCALinear)}
     for name, module in inner.named_modules():
         if is_quantized_linear(module):  # a bitsandbytes layer PaCA did not adapt (DDP, one process)
-            weight = dequantize_weight(module, dense_dtype_of(inner)).cpu()
-            state[f"{clean_name(name)}.weight"] = weight.t().contiguous() if replaced_conv1d(module) else weight
+            state[f"{clean_name(name)}.weight"] = dequantize_weight(module, dense_dtype_of(inner)).cpu()
+            dequantized.add(clean_name(name))
+    _conv1d_layout(state, dequantized, inner)
     return state
+
+
+def _conv1d_layout(state: dict[str, torch.Tensor], dequantized: set[str], inner: nn.Module) -> None:
+    """Dequantized weights are out x in; a layer the architecture has as a GPT-2 ``Conv1D``
+    stores its weight in x out, as the model's config expects when the export is loaded."""
+    if dequantized:
+        for name in dequantized & plain_conv1d_names(inner):
+            if f"{name}.weight" in state:
+                state[f"{name}.weight"] = state[f"{name}.weight"].t().contiguous()
 
 
 def _merge_columns(state: dict[str, torch.Tensor], layers: dict) -> None:
@@ -172,12 +185,14 @@ def _merge_columns(state: dict[str, torch.Tensor], layers: dict) -> None:
         indices = state.pop(prefix + "paca_indices")
         columns = (state.pop(prefix + "paca_weight") * layer.scaling).to(weight.dtype)
         state.pop(prefix + "paca_base_columns")
-        if layer.transposed:
+        if isinstance(layer, PaCAExpertWeights):  # merged, the fused weight is the parameter `name` itself
+            state[name] = state.pop(prefix + "weight")
+            dim, index = layer.column_index(indices, weight.shape[0])
+            weight.scatter_(dim, index, columns.transpose(1, 2) if layer.transposed else columns)
+        elif layer.transposed:
             weight.index_copy_(0, indices, columns.t())
         else:
             weight.index_copy_(1, indices, columns)
-        if isinstance(layer, QuantizedPaCALinear) and replaced_conv1d(layer.quantized_base):
-            state[prefix + "weight"] = weight.t().contiguous()  # the model's Conv1D layout (in x out)
 
 
 def export_merged(model: nn.Module, directory: Union[str, Path], *, root: Optional[nn.Module] = None,
@@ -257,7 +272,10 @@ def _export_merged_by_layer(inner: nn.Module, directory: Path, config, tokenizer
         state = _full_tensors(inner, None, lambda n, g=in_group: g(n) and n not in aliases, rank0_only=True)
         if _rank() != 0:
             continue
-        _merge_columns(state, {n: layer for n, layer in layers.items() if in_group(f"{n}.weight")})
+        in_this_group = {n: layer for n, layer in layers.items() if in_group(f"{n}.weight")}
+        _merge_columns(state, in_this_group)
+        _conv1d_layout(state, {n for n, layer in in_this_group.items() if isinstance(layer, QuantizedPaCALinear)},
+                       inner)
         filename = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         save_file({n: t.contiguous() for n, t in state.items()}, directory / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(state, filename))

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..experts import PaCAExpertWeights
 from ..layers import PaCALinear, _linear
 from ..model import paca_layers
 from ..quantized import QuantizedPaCALinear
@@ -59,8 +60,13 @@ def use_delta_form(model: nn.Module) -> nn.Module:
 
 
 def refuse_quantized(model: nn.Module) -> None:
-    """FSDP1 cannot shard QPaCA layers; raise naming the first one and the alternatives."""
+    """FSDP1 cannot shard QPaCA layers or fused expert weights; raise naming the first one and the alternatives."""
     for name, layer in paca_layers(model):
+        if isinstance(layer, PaCAExpertWeights):
+            raise NotImplementedError(
+                f"FSDP1 cannot shard PaCA on the fused expert weight {name!r}: its delta form is written for "
+                "2-D layers. Shard it with FSDP2 (strategy=PaCAModelParallelStrategy(), or shard_paca_model), "
+                "which shards fused expert weights on the expert dimension, or use strategy='ddp'")
         if isinstance(layer, QuantizedPaCALinear):
             raise NotImplementedError(
                 f"FSDP1 cannot shard the quantized PaCA layer {name!r} (QPaCA): it flattens each unit's "

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard
 
+from ..experts import PaCAExpertWeights
 from ..model import paca_layers, set_paca_auto_sync, sync_paca_columns
 from ..quantized import is_quantized_linear
 
@@ -47,7 +48,9 @@ def paca_shard_placement(model: nn.Module) -> Callable[[nn.Parameter], Optional[
     optimizer step instead (`attach_column_sync`).
     """
     set_paca_auto_sync(model, False)
-    transposed_weights = {id(layer.weight) for _, layer in paca_layers(model) if layer.transposed}
+    # fused expert weights shard their expert dimension (dim 0), like their paca_weight
+    transposed_weights = {id(layer.weight) for _, layer in paca_layers(model)
+                          if layer.transposed and not isinstance(layer, PaCAExpertWeights)}
 
     def placement(param: nn.Parameter) -> Optional[Shard]:
         return Shard(1) if id(param) in transposed_weights else None
@@ -60,7 +63,7 @@ def _refuse_uneven_conv1d(model: nn.Module, mesh) -> None:
     cannot be sharded like its ``paca_weight`` rows, so it is refused before anything is sharded."""
     shards = dist.get_world_size() if mesh is None else mesh.size(mesh.ndim - 1)
     for name, layer in paca_layers(model):
-        if layer.transposed and layer.out_features % shards:
+        if layer.transposed and not isinstance(layer, PaCAExpertWeights) and layer.out_features % shards:
             raise ValueError(f"PaCA Conv1D layer {name!r} has {layer.out_features} outputs, which {shards} FSDP2 "
                              "shards cannot split evenly; FSDP2 shards a Conv1D weight's output dim (dim 1) "
                              "evenly only. Use a shard count dividing it, DDP, or leave the layer out of "

@@ -27,6 +27,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from ..experts import ExpertParameter
 from ..model import find_targets, paca_layers, set_submodule
 from ..quantized import dense_dtype_of, dequantize_weight, is_quantized_linear, quantize_linear
 from .callback import log_trainable_report
@@ -116,6 +117,13 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> nn.Module:
         raise ValueError(f"{type(model).__name__} already carries PaCA layers; method='lora' needs a "
                          "plain (or bitsandbytes-quantized) model")
     targets = find_targets(model, settings)
+    fused = sorted(name for name, module in targets.items() if isinstance(module, ExpertParameter))
+    if fused:
+        # peft trains them through LoraConfig(target_parameters=...), but this baseline's merged
+        # export (save_lora_merged) handles adapted layers only, so it would drop their updates
+        raise ValueError(f"method='lora' adapts layers only, and target_modules selects the fused expert weights "
+                         f"{fused[:3]}{' ...' if len(fused) > 3 else ''}; set exclude_modules=['experts'] "
+                         "(for the PaCA run too, so both methods train the same weights)")
     if settings.quantize is not None:
         for name, module in targets.items():
             if type(module) is nn.Linear:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from launch import finish_worker  # this folder: the script's own directory
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from paca_lightning import PaCAConfig, apply_paca, load_adapter, paca_layers, set_paca_auto_sync, sync_paca_columns
 from paca_lightning.parallel import (
@@ -43,6 +43,14 @@ def tiny_gpt2(n_inner: int = 128) -> nn.Module:
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_inner=n_inner, n_layer=2, n_head=4, vocab_size=VOCAB,
                                       n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def tiny_mixtral() -> nn.Module:
+    torch.manual_seed(0)
+    # fused 3-D expert weights: FSDP2 shards their expert dimension (4 experts, 2 per rank)
+    return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=64))
 
 
 def adapted(make, quantize=None) -> nn.Module:
@@ -187,6 +195,9 @@ def main(out: Path) -> None:
             results["fsdp2_memory"] = memory_report(model, optimizer, global_batches()[0], tiny_llama)
         control, _ = run_fsdp2(make, sync=False)
         results[f"fsdp2_{name}_control_error"] = error_against(control, refs[name])
+
+    model, _ = run_fsdp2(tiny_mixtral, sync=True, activation_checkpointing=True)
+    results["fsdp2_mixtral_error"] = error_against(model, reference(tiny_mixtral))
 
     # QPaCA: the packed bytes shard like any parameter; each layer dequantizes the copy FSDP2
     # gathers for its forward and backward, with the quantization state it keeps
