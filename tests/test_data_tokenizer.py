@@ -1,6 +1,7 @@
 """The byte-level tokenizer: deterministic build, lossless on any text, chat template, padding."""
 
 import pytest
+from transformers import AutoTokenizer
 
 from paca_lightning.data import TINY_LLAMA_DIR
 from paca_lightning.data.tokenizer import ROLE_TOKENS, build_byte_level_tokenizer, load_tokenizer
@@ -53,3 +54,27 @@ def test_a_broken_chat_template_is_named_with_its_tokenizer(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"chat template of tokenizer '{tmp_path}' .* cannot render a conversation"):
         load_tokenizer(tmp_path)
+
+
+def test_an_unreachable_hub_is_reported_at_once_not_after_the_clients_retries(monkeypatch):
+    import socket
+
+    from paca_lightning.data.tokenizer import hub_unreachable
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    asked = []
+    original = AutoTokenizer.from_pretrained
+
+    def from_pretrained(name, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    assert hub_unreachable(TINY_LLAMA_DIR) is None  # a local folder needs no hub
+    with pytest.raises(OSError, match=r"'someone/missing-model': it is not in the local cache and huggingface.co "
+                                      r"cannot be reached from this machine"):
+        load_tokenizer("someone/missing-model")
+    assert asked == [True]  # the cache only: no request the client would retry

@@ -69,6 +69,31 @@ def missing_local_path(name_or_path: Union[str, Path]) -> Optional[str]:
     return None
 
 
+def hub_unreachable(name_or_path: Union[str, Path]) -> Optional[str]:
+    """Why the Hugging Face Hub cannot serve ``name_or_path`` now, or ``None``.
+
+    Found in a DNS lookup instead of after the hub client's retries, which take about a minute
+    on a machine without network before transformers gives up. Callers then load from the local
+    cache only (``local_files_only=True``), which answers at once either way.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(str(name_or_path)).expanduser().exists():
+        return None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", constants.ENDPOINT)).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        return f"{host} cannot be reached from this machine ({error})"
+    return None
+
+
 def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub name or local directory and make sure it can pad.
 
@@ -78,10 +103,12 @@ def load_tokenizer(name_or_path: Union[str, Path]) -> PreTrainedTokenizerBase:
     missing = missing_local_path(name_or_path)
     if missing:
         raise FileNotFoundError(f"tokenizer: {missing}")
+    offline = hub_unreachable(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=offline is not None)
     except (OSError, ValueError) as error:  # ValueError: a directory without tokenizer files
-        raise OSError(f"could not load a tokenizer from {str(name_or_path)!r}: {error}\nGive a local "
+        why = f"it is not in the local cache and {offline}" if offline else str(error)
+        raise OSError(f"could not load a tokenizer from {str(name_or_path)!r}: {why}\nGive a local "
                       "directory holding tokenizer.json/tokenizer_config.json, or a hub name while "
                       "online (HF_HUB_OFFLINE must be unset).") from None
     if tokenizer.pad_token is None:

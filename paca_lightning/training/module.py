@@ -37,7 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ..config import PaCAConfig
-from ..data.tokenizer import missing_local_path
+from ..data.tokenizer import hub_unreachable, missing_local_path
 from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from ..model import paca_layers, set_paca_auto_sync
@@ -229,10 +229,13 @@ class PaCAFineTuneModule(LightningModule):
         missing = missing_local_path(self.model_name)
         if missing:
             raise FileNotFoundError(f"PaCAFineTuneModule model: {missing}")
+        offline = hub_unreachable(self.model_name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype,
+                                                         local_files_only=offline is not None)
         except OSError as error:
-            raise OSError(f"PaCAFineTuneModule could not load model {self.model_name!r}: {error}") from error
+            why = f"it is not in the local cache and {offline}" if offline else str(error)
+            raise OSError(f"PaCAFineTuneModule could not load model {self.model_name!r}: {why}") from None
         except SafetensorError as error:  # a truncated or corrupt weights file; say which model it belongs to
             raise ValueError(f"PaCAFineTuneModule could not load model {self.model_name!r}: a .safetensors file of "
                              f"it is truncated or corrupt ({error}). Download or copy it again") from None
