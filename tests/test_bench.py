@@ -10,7 +10,7 @@ from torch import nn
 
 from paca_lightning.bench import main
 from paca_lightning.bench.measure import longest_sequence, saved_bytes
-from paca_lightning.bench.methods import Trainee, check_chunked_loss_applies, default_methods, prepare
+from paca_lightning.bench.methods import METHODS, Trainee, check_chunked_loss_applies
 from paca_lightning.bench.runner import BenchOptions, ratios, run_benchmark
 
 TINY_ARGS = ["--model", "tiny", "--sequence-length", "32", "--repeats", "2", "--warmup", "0", "--no-peak-memory",
@@ -28,7 +28,7 @@ def bench_run(tmp_path_factory):
 def test_every_method_and_loss_gets_a_row_with_every_figure(bench_run):
     _, report = bench_run
     rows = {(row["method"], row["loss"]): row for row in report["results"]}
-    assert set(rows) == {(method, loss) for method in default_methods("float32") for loss in ("dense", "chunked")}
+    assert set(rows) == {(method, loss) for method in METHODS for loss in ("dense", "chunked")}
     for row in rows.values():
         assert len(row["step_times_s"]) == 2 and row["step_time_s"] > 0
         assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["step_time_s"])
@@ -115,7 +115,7 @@ def test_peak_rss_child_reports_the_training_peak(capsys):
 
 
 def test_bad_options_are_rejected_with_the_valid_choices():
-    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, lora_native, dora, paca, floor"):
+    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, dora, paca, floor"):
         run_benchmark(BenchOptions(model="tiny", methods=["paca", "qlora"]))
     with pytest.raises(ValueError, match="--sequence-length .sequence_length. must be >= 1"):
         run_benchmark(BenchOptions(model="tiny", sequence_length=0))
@@ -181,23 +181,7 @@ def test_results_are_on_disk_before_the_long_qlora_phase_starts(tmp_path, monkey
     args = [argument for argument in TINY_ARGS if argument not in ("--quantized", "off")]
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--output-dir", str(tmp_path)])
-    written = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {row["method"] for row in written} == set(default_methods("float32"))
-
-
-def test_lora_runs_as_peft_builds_it_by_default_and_lora_native_in_the_models_dtype():
-    """peft keeps float32 adapters on a bf16 model by default; the authors' bf16 runs did not."""
-    from tests.helpers import make_tiny_llama
-
-    adapters = {}
-    for method in ("lora", "lora_native"):
-        trainee = prepare(method, make_tiny_llama(dtype=torch.bfloat16), lora_rank=2, paca_rank=4,
-                          target_modules="all-linear")
-        adapters[method] = {p.dtype for p in trainee.trainable()}
-    assert adapters == {"lora": {torch.float32}, "lora_native": {torch.bfloat16}}
-    assert "lora_native" not in default_methods("float32") and "lora_native" in default_methods("bfloat16")
-
-
+    assert {row["method"] for row in json.loads((tmp_path / "results.json").read_text())["results"]} == set(METHODS)
 
 
 def test_moe_row_compares_paca_and_peft_lora_on_the_same_fused_experts():

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .methods import LOSSES, METHODS, default_methods
+from .methods import LOSSES, METHODS
 from .models import DTYPES, PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -41,9 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "hpu"))
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="default: float32 on cpu, bfloat16 on cuda and hpu")
-    parser.add_argument("--methods", type=_list, default=None,
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: all; lora_native, LoRA "
-                             "adapters in the model's dtype instead of peft's float32, only on 16-bit models)")
+    parser.add_argument("--methods", type=_list, default=list(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--loss", choices=(*LOSSES, "both"), default="both",
                         help="dense: full logits then cross-entropy; chunked: paca_lightning.loss."
                              "chunked_causal_lm_loss, no logits stored (default: both)")
@@ -106,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .runner import BenchOptions, run_benchmark
 
     options = BenchOptions(
-        model=args.model, device=args.device, dtype=dtype, methods=args.methods or default_methods(dtype),
+        model=args.model, device=args.device, dtype=dtype, methods=args.methods,
         losses=list(LOSSES) if args.loss == "both" else [args.loss], lora_rank=args.rank,
         equal_budget=not args.equal_rank, target_modules=target_modules, batch_size=args.batch_size,
         sequence_length=args.sequence_length, warmup=args.warmup, repeats=args.repeats,

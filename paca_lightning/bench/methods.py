@@ -1,12 +1,7 @@
 """The fine-tuning methods a benchmark compares, each turned into a ready-to-step `Trainee`.
 
 - ``full``: every parameter trains (AdamW over all of them).
-- ``lora`` / ``dora``: peft LoRA / DoRA adapters on every Linear except the output head, as peft
-  builds them by default: on a bf16/fp16 model the adapters are float32
-  (``autocast_adapter_dtype=True``), and each adapted layer keeps a float32 copy of its input.
-- ``lora_native``: the same LoRA with adapters in the model's own dtype, as the authors' bf16 runs
-  had them (``autocast_adapter_dtype=False``). On a float32 model it is ``lora``, so it is measured
-  by default only on 16-bit models.
+- ``lora`` / ``dora``: peft LoRA / DoRA adapters on every Linear except the output head.
 - ``paca``: this package, on the same layers.
 - ``floor``: every weight frozen, only input gradients flow (the input embeddings' output requires
   grad, so backward runs through every layer). Any method must compute at least these gradients and
@@ -34,12 +29,7 @@ from ..config import PaCAConfig
 from ..loss import causal_lm_loss, chunked_causal_lm_loss
 from ..model import apply_paca
 
-METHODS = ("full", "lora", "lora_native", "dora", "paca", "floor")
-
-
-def default_methods(dtype: str) -> list[str]:
-    """Every method, less ``lora_native`` where it equals ``lora`` (a float32 model)."""
-    return [m for m in METHODS if m != "lora_native" or dtype != "float32"]
+METHODS = ("full", "lora", "dora", "paca", "floor")
 LOSSES = ("dense", "chunked")
 
 
@@ -74,13 +64,13 @@ def prepare(method: str, model: nn.Module, *, lora_rank: int, paca_rank: int,
     if method == "full":
         model.requires_grad_(True)
         rank = None
-    elif method in ("lora", "lora_native", "dora"):
+    elif method in ("lora", "dora"):
         from peft import LoraConfig, get_peft_model
 
         # Dropout 0: a dropout mask would add a saved tensor per layer that the other methods lack.
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                             target_modules=target_modules, use_dora=method == "dora")
-        model = get_peft_model(model, config, autocast_adapter_dtype=method != "lora_native").get_base_model()
+        model = get_peft_model(model, config).get_base_model()
         rank = lora_rank
     elif method == "paca":
         model = apply_paca(model, PaCAConfig(rank=paca_rank, alpha=2 * paca_rank, target_modules=target_modules))

@@ -32,7 +32,7 @@ from .measure import (
     step_flops,
     timed_step,
 )
-from .methods import LOSSES, METHODS, Variant, check_chunked_loss_applies, default_methods, loss_function, prepare
+from .methods import LOSSES, METHODS, Variant, check_chunked_loss_applies, loss_function, prepare
 from .models import DTYPES, load_model, random_batch, vocab_size_of
 
 
@@ -43,7 +43,7 @@ class BenchOptions:
     model: str = "llama-50m"
     device: str = "cpu"
     dtype: str = "float32"
-    methods: list[str] = field(default_factory=lambda: default_methods("float32"))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
     lora_rank: int = 8
     equal_budget: bool = True
