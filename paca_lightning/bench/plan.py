@@ -130,9 +130,36 @@ def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) 
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
         fp32 = method == "lora-fp32"
         model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
+        if not fp32:
+            # peft skips casting adapters built on the meta device (a plan), so cast them here;
+            # on a real model peft already did.
+            for name, module in model.named_modules():
+                if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
+                    for key, parameter in list(module._parameters.items()):
+                        if parameter is not None and parameter.dtype != model.dtype:
+                            # replaced, not Module.to(): fake parameters cannot be swapped
+                            module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
+                                                                   requires_grad=parameter.requires_grad)
         kind = "float32 (peft's default)" if fp32 else "the model's dtype"
         return model, [f"rank {lora_rank}, adapters in {kind}"]
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
+
+
+def _fake_from_meta(model: nn.Module) -> nn.Module:
+    """Replace every meta parameter and buffer of ``model`` by a fake CPU tensor of the same shape,
+    dtype and trainability (tied parameters stay tied); must run inside ``FakeTensorMode``."""
+    replaced: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store, is_parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in list(store.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in replaced:
+                    new = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+                    keep = tensor.requires_grad
+                    replaced[id(tensor)] = nn.Parameter(new, requires_grad=keep) if is_parameter else new
+                store[name] = replaced[id(tensor)]
+    return model
 
 
 def plan_method(config, method: str, *, batch_size: int, sequence_length: int, dtype: torch.dtype,
@@ -142,10 +169,6 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
     lora_rank = lora_rank or max(rank // 2, 1)
     if not fake:
         mode = contextlib.nullcontext()
-    elif method.startswith("lora"):
-        # peft moves each new adapter with Module.to(), which cannot swap fake parameters; on the
-        # meta device the same tensors (shapes, dtypes, storages) exist without values.
-        mode = torch.device("meta")
     else:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -157,18 +180,27 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
     try:
         with mode:
             return _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank,
-                                 targets, chunk_size)
+                                 targets, chunk_size, fake)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
 def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
-                  chunk_size) -> MethodPlan:
+                  chunk_size, is_fake_mode) -> MethodPlan:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model, notes = _prepare(method, model, rank, lora_rank, targets)
+    if method.startswith("lora") and is_fake_mode:
+        # peft moves each new adapter with Module.to(), which cannot swap fake parameters: build
+        # on the meta device, then give every tensor a fake CPU twin (CPU kernels choose which
+        # tensors attention saves, so the meta device itself would count differently).
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model, notes = _prepare(method, model, rank, lora_rank, targets)
+        model = _fake_from_meta(model)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model, notes = _prepare(method, model, rank, lora_rank, targets)
     model.train()
     ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
 
