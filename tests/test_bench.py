@@ -114,7 +114,7 @@ def test_peak_rss_child_reports_the_training_peak(capsys):
 
 
 def test_bad_options_are_rejected_with_the_valid_choices():
-    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, dora, paca, floor"):
+    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, lora-fp32, dora, paca, floor"):
         run_benchmark(BenchOptions(model="tiny", methods=["paca", "qlora"]))
     with pytest.raises(ValueError, match="--sequence-length .sequence_length. must be >= 1"):
         run_benchmark(BenchOptions(model="tiny", sequence_length=0))
@@ -178,3 +178,15 @@ def test_results_are_on_disk_before_the_long_qlora_phase_starts(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--output-dir", str(tmp_path)])
     assert {row["method"] for row in json.loads((tmp_path / "results.json").read_text())["results"]} == set(METHODS)
+
+
+@pytest.mark.parametrize("method, adapter_dtype", [("lora", torch.bfloat16), ("lora-fp32", torch.float32)])
+def test_lora_baselines_differ_only_in_adapter_dtype(method, adapter_dtype):
+    from conftest import make_tiny_llama
+
+    from paca_lightning.bench.methods import prepare
+
+    trainee = prepare(method, make_tiny_llama(dtype=torch.bfloat16), lora_rank=4, paca_rank=8,
+                      target_modules="all-linear")
+    assert {p.dtype for p in trainee.trainable()} == {adapter_dtype}
+    assert {p.dtype for p in trainee.causal_lm.parameters() if not p.requires_grad} == {torch.bfloat16}
