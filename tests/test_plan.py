@@ -77,3 +77,25 @@ def test_plan_cli_json(tmp_path, capsys):
     for entry in methods.values():
         assert entry["total_bytes"] == (entry["saved_bytes"] + entry["weight_bytes"] + entry["gradient_bytes"]
                                         + entry["optimizer_state_bytes"])
+
+
+def test_budget_picks_the_fewest_checkpointed_layers():
+    planned = planner.plan_method(small_config(), "lora", batch_size=2, sequence_length=16, dtype=torch.float32,
+                                  rank=8, chunk_size=8)
+    totals = [planner.total_with_checkpointing(planned, k) for k in range(3)]
+    assert totals[0] == planned.total_bytes and totals[2] == planned.total_checkpointed_bytes
+    assert planner.checkpointed_layers_needed(planned, totals[0]) == 0
+    assert planner.checkpointed_layers_needed(planned, totals[1]) == (0 if totals[0] <= totals[1] else 1)
+    assert planner.checkpointed_layers_needed(planned, min(totals) - 1) is None
+
+
+def test_longest_sequence_fits_and_the_next_step_does_not():
+    config = small_config()
+    settings = dict(batch_size=1, dtype=torch.float32, rank=8, chunk_size=8)
+    budget = planner.plan_method(config, "paca", sequence_length=48, **settings).total_bytes
+    longest = planner.longest_sequence(config, "paca", budget, checkpoint_all=False, granularity=16,
+                                       limit=64, **settings)
+    assert longest >= 48
+    assert planner.plan_method(config, "paca", sequence_length=longest, **settings).total_bytes <= budget
+    if longest + 16 <= 64:
+        assert planner.plan_method(config, "paca", sequence_length=longest + 16, **settings).total_bytes > budget

@@ -43,6 +43,7 @@ class MethodPlan:
     saved_per_layer_bytes: list[int]
     head_and_loss_bytes: int
     layer_input_bytes: int
+    layer_input_per_layer_bytes: list[int]
     weight_bytes: int
     gradient_bytes: int
     optimizer_state_bytes: int
@@ -111,7 +112,7 @@ def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) 
         for handle in handles:
             handle.remove()
     per_layer = [sum(n for k, n in sizes.items() if owner[k] == i) for i in range(len(layers))]
-    return sum(sizes.values()), per_layer, sum(inputs.values())
+    return sum(sizes.values()), per_layer, [inputs.get(i, 0) for i in range(len(layers))]
 
 
 def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) -> tuple[nn.Module, list[str]]:
@@ -209,22 +210,72 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
         head = model.get_output_embeddings()
         return chunked_causal_lm_loss(hidden, head.weight, ids, lm_head_bias=head.bias, chunk_size=chunk_size)
 
-    saved, per_layer, layer_inputs = count_saved(model, compute_loss)
+    saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+    layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = sum({_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}.values())
     grads = sum(p.numel() * p.element_size() for p in trainable)
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
-    return MethodPlan(method, saved, per_layer, head, layer_inputs, weights, grads, optimizer_states,
+    return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
                       persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
                       sum(p.numel() for p in trainable), notes)
 
 
-def plan(model: str, methods, **kwargs) -> dict:
+def total_with_checkpointing(plan: MethodPlan, layers: int) -> int:
+    """Planned total with ``layers`` decoder layers checkpointed: each keeps only its input, and one
+    layer's saved bytes exist again while it is recomputed in backward."""
+    persistent = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
+    gains = sorted((s - i for s, i in zip(plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes)),
+                   reverse=True)
+    recompute = max(plan.saved_per_layer_bytes, default=0) if layers else 0
+    return persistent + plan.saved_bytes - sum(gains[:layers]) + recompute
+
+
+def checkpointed_layers_needed(plan: MethodPlan, budget: int) -> Optional[int]:
+    """The fewest decoder layers to checkpoint for the step to fit ``budget`` bytes (None: never fits)."""
+    for layers in range(len(plan.saved_per_layer_bytes) + 1):
+        if total_with_checkpointing(plan, layers) <= budget:
+            return layers
+    return None
+
+
+def longest_sequence(config, method: str, budget: int, *, checkpoint_all: bool, granularity: int = 256,
+                     limit: int = 1 << 20, **kwargs) -> int:
+    """The longest sequence (a multiple of ``granularity``, 0 if none) whose planned step fits
+    ``budget``, without checkpointing or with every layer checkpointed; one plan per probe."""
+    def fits(length: int) -> bool:
+        planned = plan_method(config, method, sequence_length=length, **kwargs)
+        layers = len(planned.saved_per_layer_bytes) if checkpoint_all else 0
+        return total_with_checkpointing(planned, layers) <= budget
+
+    low, high = 0, granularity
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + granularity)
+    while high - low > granularity:
+        middle = (low + high) // 2 // granularity * granularity
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def plan(model: str, methods, memory_budget: Optional[int] = None, **kwargs) -> dict:
     config = load_config(model)
-    return {"model": model, "settings": {k: str(v) for k, v in kwargs.items()},
-            "methods": {m: asdict(plan_method(config, m, **kwargs)) for m in methods}}
+    result = {"model": model, "settings": {k: str(v) for k, v in kwargs.items()}, "methods": {}}
+    for method in methods:
+        planned = plan_method(config, method, **kwargs)
+        entry = asdict(planned)
+        if memory_budget is not None:
+            rest = {k: v for k, v in kwargs.items() if k != "sequence_length"}
+            entry["memory_budget_bytes"] = memory_budget
+            entry["checkpointed_layers_needed"] = checkpointed_layers_needed(planned, memory_budget)
+            entry["longest_sequence_no_checkpointing"] = longest_sequence(
+                config, method, memory_budget, checkpoint_all=False, **rest)
+            entry["longest_sequence_all_checkpointed"] = longest_sequence(
+                config, method, memory_budget, checkpoint_all=True, **rest)
+        result["methods"][method] = entry
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -237,6 +288,15 @@ def format_table(result: dict) -> str:
                     f"{p['saved_bytes'] / mib:>10.1f} {p['weight_bytes'] / mib:>11.1f} "
                     f"{p['gradient_bytes'] / mib:>9.1f} {p['optimizer_state_bytes'] / mib:>9.1f} "
                     f"{p['total_bytes'] / mib:>10.1f} {p['total_checkpointed_bytes'] / mib:>14.1f}")
+    budgeted = [(n, p) for n, p in result["methods"].items() if "memory_budget_bytes" in p]
+    if budgeted:
+        rows += ["", f"at a budget of {budgeted[0][1]['memory_budget_bytes'] / 2**30:.1f} GiB "
+                 "(whole step; longest sequences in steps of 256 tokens):",
+                 f"{'method':<10} {'layers to checkpoint':>20} {'longest, none':>14} {'longest, all':>13}"]
+        for name, p in budgeted:
+            needed = p["checkpointed_layers_needed"]
+            rows.append(f"{name:<10} {'does not fit' if needed is None else needed:>20} "
+                        f"{p['longest_sequence_no_checkpointing']:>14} {p['longest_sequence_all_checkpointed']:>13}")
     return "\n".join(rows)
 
 
@@ -252,14 +312,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"comma-separated, from {', '.join(PLAN_METHODS)}")
     parser.add_argument("--rank", type=int, default=64, help="PaCA's rank; LoRA gets half unless --equal-rank")
     parser.add_argument("--equal-rank", action="store_true")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                        help="per-device budget in GB (10^9 bytes): layers to checkpoint and longest sequences")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in PLAN_METHODS]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(PLAN_METHODS)}")
-    result = plan(args.model, methods, batch_size=args.batch_size, sequence_length=args.sequence_length,
-                  dtype=getattr(torch, args.dtype), rank=args.rank,
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        parser.error(f"--memory-budget must be > 0 GB, got {args.memory_budget}")
+    budget = None if args.memory_budget is None else int(args.memory_budget * 1e9)
+    result = plan(args.model, methods, memory_budget=budget, batch_size=args.batch_size,
+                  sequence_length=args.sequence_length, dtype=getattr(torch, args.dtype), rank=args.rank,
                   lora_rank=args.rank if args.equal_rank else None)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
