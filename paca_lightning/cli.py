@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "doctor": ("paca_lightning.doctor:main",
                "check the installation: versions, devices, QPaCA, the `lightning` command"),
     "bench": ("paca_lightning.bench:main", "measure PaCA against LoRA, DoRA, full fine-tuning and the floor"),
+    "plan": ("paca_lightning.bench.plan:main",
+             "plan one training step's memory per method from a model config, under fake tensors"),
 }
 
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss import autocast_dtype, autocast_off, has_no_data
+
 try:  # transformers is a dependency, but the math here must not need it.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -71,10 +73,10 @@ class PaCAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, paca_weight, paca_indices, scaling, transposed):
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if autocast_dtype(device_type) is not None:
             # Cast explicitly: backward runs outside autocast and must use the same dtype.
-            compute_dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
+            compute_dtype = autocast_dtype(device_type)
+            with autocast_off(device_type):
                 y = _linear(x.to(compute_dtype), weight.to(compute_dtype),
                             None if bias is None else bias.to(compute_dtype), transposed)
         else:  # mismatched dtypes raise exactly as a dense layer would
@@ -108,15 +110,18 @@ class PaCAFunction(torch.autograd.Function):
 
 
 def validated_indices(paca_indices, in_features: int, device: torch.device) -> torch.Tensor:
-    """``paca_indices`` as sorted int64 on ``device``; raises unless r distinct values in range."""
-    # checked on the CPU: a model built on the meta device gets meta indices, which hold no values
+    """``paca_indices`` as sorted int64 on ``device``; raises unless r distinct values in range.
+
+    Real values are checked on the CPU, so a model built on the meta device still gets checked
+    values; meta or fake indices (a memory plan) are checked for shape only: their values are
+    unknown.
+    """
     indices = torch.as_tensor(paca_indices, dtype=torch.int64)
-    if indices.is_meta:
-        raise ValueError("paca_indices are on the meta device; pass the chosen column indices as values")
-    indices = indices.cpu()
     if indices.ndim != 1 or indices.numel() == 0:
         raise ValueError(f"paca_indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
-    indices = indices.sort().values
+    if has_no_data(indices):  # a memory plan: the values are not known, only the count
+        return indices.sort().values.to(device)
+    indices = indices.cpu().sort().values
     if indices[0] < 0 or indices[-1] >= in_features or indices.unique().numel() != indices.numel():
         raise ValueError(f"paca_indices must be distinct values in [0, {in_features}), got "
                          f"{indices.tolist()[:8]}{'...' if indices.numel() > 8 else ''}")

@@ -27,12 +27,36 @@ and must not trip the trainer's non-finite-loss guard.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "shift_labels"]
+__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "has_no_data", "shift_labels"]
+
+
+def has_no_data(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` carries shapes but no values: on the meta device or a ``FakeTensor``.
+
+    Memory planning runs a training step on such tensors; steps that read values (which rows are
+    scored, range checks) take a shape-only path there and are unchanged on real tensors.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.is_meta or is_fake(tensor)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, else None (always None on meta, which has no autocast)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` (nothing to disable on meta)."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -79,11 +103,10 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, chunk_size):
         device_type = hidden.device.type
-        compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else torch.promote_types(hidden.dtype, weight.dtype))
+        compute_dtype = autocast_dtype(device_type) or torch.promote_types(hidden.dtype, weight.dtype)
         log_normalizers = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             for start in range(0, rows.numel(), chunk_size):
                 chunk = slice(start, start + chunk_size)
                 logits = _chunk_logits(hidden, weight, bias, rows[chunk], compute_dtype)
@@ -104,7 +127,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         scale = grad_loss.float() / max(rows.numel(), 1)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             w = weight.to(compute_dtype)
             for start in range(0, rows.numel(), ctx.chunk_size):
                 chunk = slice(start, start + ctx.chunk_size)
@@ -167,9 +190,14 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
                          f"vocabulary size {vocab_size}")
     _check_labels(labels, hidden_states.shape[:-1], "hidden_states")
     targets = shift_labels(labels.long(), ignore_index).reshape(-1)
-    rows = (targets != ignore_index).nonzero().squeeze(1)
+    if has_no_data(labels):
+        # Which tokens are scored is data; plan for the most, every position but each sequence's last.
+        positions = torch.arange(targets.numel(), device=targets.device).reshape(labels.shape)
+        rows = positions[..., :-1].reshape(-1)
+    else:
+        rows = (targets != ignore_index).nonzero().squeeze(1)
     targets = targets.index_select(0, rows)
-    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
+    if targets.numel() and not has_no_data(targets) and (targets.min() < 0 or targets.max() >= vocab_size):
         bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
         raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab_size}) and is not "
                          f"ignore_index={ignore_index}")

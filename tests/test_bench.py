@@ -115,7 +115,7 @@ def test_peak_rss_child_reports_the_training_peak(capsys):
 
 
 def test_bad_options_are_rejected_with_the_valid_choices():
-    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, dora, paca, floor"):
+    with pytest.raises(ValueError, match="unknown method 'qlora'.*full, lora, lora-fp32, dora, paca, floor"):
         run_benchmark(BenchOptions(model="tiny", methods=["paca", "qlora"]))
     with pytest.raises(ValueError, match="--sequence-length .sequence_length. must be >= 1"):
         run_benchmark(BenchOptions(model="tiny", sequence_length=0))
@@ -195,3 +195,14 @@ def test_moe_row_compares_paca_and_peft_lora_on_the_same_fused_experts():
     # LoRA at rank r: per expert, A (r x in) and B (out x r) for each weight
     assert lora["trainable"] == 4 * 2 * ((32 + 2 * 48) + (48 + 32))
     assert row["paca_over_lora"]["saved_bytes"] == paca["saved_bytes"] / lora["saved_bytes"]
+
+
+@pytest.mark.parametrize("method, adapter_dtype", [("lora", torch.bfloat16), ("lora-fp32", torch.float32)])
+def test_lora_baselines_differ_only_in_adapter_dtype(method, adapter_dtype):
+    from paca_lightning.bench.methods import prepare
+    from tests.helpers import make_tiny_llama
+
+    trainee = prepare(method, make_tiny_llama(dtype=torch.bfloat16), lora_rank=4, paca_rank=8,
+                      target_modules="all-linear")
+    assert {p.dtype for p in trainee.trainable()} == {adapter_dtype}
+    assert {p.dtype for p in trainee.causal_lm.parameters() if not p.requires_grad} == {torch.bfloat16}

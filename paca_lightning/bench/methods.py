@@ -1,7 +1,11 @@
 """The fine-tuning methods a benchmark compares, each turned into a ready-to-step `Trainee`.
 
 - ``full``: every parameter trains (AdamW over all of them).
-- ``lora`` / ``dora``: peft LoRA / DoRA adapters on every Linear except the output head.
+- ``lora`` / ``dora``: peft LoRA / DoRA adapters on every Linear except the output head, the adapters
+  in the model's dtype (bf16 on a bf16 model, as in the PaCA authors' bf16 runs).
+- ``lora-fp32``: peft LoRA with peft's default float32 adapters. On a half-precision model each
+  adapted layer then also saves a float32 copy of its input, so ratios against it flatter PaCA;
+  both are reported so that each ratio says which LoRA it divides by.
 - ``paca``: this package, on the same layers.
 - ``floor``: every weight frozen, only input gradients flow (the input embeddings' output requires
   grad, so backward runs through every layer). Any method must compute at least these gradients and
@@ -29,7 +33,7 @@ from ..config import PaCAConfig
 from ..loss import causal_lm_loss, chunked_causal_lm_loss
 from ..model import apply_paca
 
-METHODS = ("full", "lora", "dora", "paca", "floor")
+METHODS = ("full", "lora", "lora-fp32", "dora", "paca", "floor")
 LOSSES = ("dense", "chunked")
 
 
@@ -64,13 +68,14 @@ def prepare(method: str, model: nn.Module, *, lora_rank: int, paca_rank: int,
     if method == "full":
         model.requires_grad_(True)
         rank = None
-    elif method in ("lora", "dora"):
+    elif method in ("lora", "lora-fp32", "dora"):
         from peft import LoraConfig, get_peft_model
 
         # Dropout 0: a dropout mask would add a saved tensor per layer that the other methods lack.
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                             target_modules=target_modules, use_dora=method == "dora")
-        model = get_peft_model(model, config).get_base_model()
+        # peft's default (autocast_adapter_dtype=True) keeps adapters in float32 on a half model
+        model = get_peft_model(model, config, autocast_adapter_dtype=method == "lora-fp32").get_base_model()
         rank = lora_rank
     elif method == "paca":
         model = apply_paca(model, PaCAConfig(rank=paca_rank, alpha=2 * paca_rank, target_modules=target_modules))

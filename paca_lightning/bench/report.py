@@ -52,7 +52,9 @@ def markdown(report: dict) -> str:
                      f"| {_sequence_cell(row.get('max_sequence_length'), options['sequence_limit'])} |")
     for loss, by_method in report["ratios"].items():
         metrics = [m for m in RATIO_LABELS if any(m in values for values in by_method.values())]
-        lines += ["", f"Ratios, {loss} loss (below 1 favours PaCA, except tokens/s and max sequence length):", "",
+        lines += ["", f"Ratios, {loss} loss (below 1 favours PaCA, except tokens/s and max sequence length; "
+                  "paca/lora divides by LoRA with adapters in the model's dtype, paca/lora-fp32 by peft's "
+                  "default float32 adapters):", "",
                   "| ratio | " + " | ".join(RATIO_LABELS[m] for m in metrics) + " |",
                   "|---|" + "---|" * len(metrics)]
         for name, values in by_method.items():
