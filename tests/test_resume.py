@@ -4,8 +4,7 @@ The training runs in subprocesses (this file is also the training script) so tha
 real: no exception handler, no ``finally``, no teardown runs. The run uses dropout (per-batch seeds),
 a shuffling `StatefulDataLoader` (data position), gradient accumulation, a warm-up + cosine
 schedule (scheduler state), AdamW (optimizer state) and crosses an epoch boundary; the kill lands
-two steps after an end-of-epoch checkpoint, the case DESIGN.md section 4 found inexact with a
-plain ``DataLoader``.
+two steps after an end-of-epoch checkpoint, a case that is inexact with a plain ``DataLoader``.
 """
 
 import argparse
