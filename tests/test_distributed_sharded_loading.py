@@ -142,3 +142,14 @@ def test_a_model_type_whose_checkpoint_transformers_converts_on_load_is_refused_
         pytest.skip("this transformers loads Mixtral checkpoints as saved")
     with pytest.raises(ValueError, match="from_pretrained"):
         build_on_meta(tmp_path)
+
+
+def test_fused_expert_weights_are_refused_by_sharded_loading_rather_than_left_untrained():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=2)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    with pytest.raises(NotImplementedError, match=r"does not fill fused MoE expert weights .*exclude_modules"):
+        apply_paca_on_meta(model, PaCAConfig(rank=4, target_modules="all-linear"))

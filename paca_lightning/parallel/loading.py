@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import PaCAConfig
+from ..experts import ExpertParameter
 from ..layers import in_features_of, initial_columns
 from ..model import apply_paca, find_targets, paca_layers, sync_paca_columns
 from ..selection import random_columns, top_columns, weight_norm_scores
@@ -104,6 +105,10 @@ def apply_paca_on_meta(model: nn.Module, config: PaCAConfig) -> nn.Module:
                          "them, so it cannot be used with sharded loading yet; load the whole model in each process")
     indices = {}
     for name, module in find_targets(model, config).items():
+        if isinstance(module, ExpertParameter):
+            raise NotImplementedError(f"sharded loading does not fill fused MoE expert weights such as {name!r} yet; "
+                                      "load the whole model in each process, or exclude the experts "
+                                      "(exclude_modules=['experts'])")
         rank, in_features = config.rank_for(name), in_features_of(module)
         if rank > in_features:
             raise ValueError(f"PaCA rank {rank} for module {name!r} exceeds its in_features={in_features}")

@@ -38,6 +38,7 @@ from torchmetrics import MeanMetric
 
 from ..config import PaCAConfig
 from ..data.tokenizer import hub_unreachable, missing_local_path
+from ..experts import is_fused_experts
 from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
 from ..model import paca_layers, set_paca_auto_sync
@@ -174,8 +175,14 @@ class PaCAFineTuneModule(LightningModule):
             if checkpoint is None:
                 self.model = self._prepare(self._load_pretrained())
             else:
+                model = build_on_meta(checkpoint, self._load_dtype())
+                if any(is_fused_experts(module) for module in model.modules()):
+                    rank_zero_info(f"FSDP2: every process loads the whole model {self.model_name!r} before sharding: "
+                                   "sharded loading does not fill fused MoE expert weights yet")
+                    self.model = self._prepare(self._load_pretrained())
+                    return
                 # the strategy fills the shards from ``checkpoint`` once it has sharded the model
-                model = apply_paca_on_meta(build_on_meta(checkpoint, self._load_dtype()), self.paca)
+                model = apply_paca_on_meta(model, self.paca)
                 model.paca_pending_checkpoint = checkpoint
                 self.model = self._prepare(model)
 
