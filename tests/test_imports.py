@@ -17,7 +17,7 @@ LAYERS = [
     ["experts", "quantized", "selection"],
     ["model"],
     ["adapter"],
-    ["parallel"],
+    ["parallel", "planning"],
     ["accelerators", "data"],
     ["training"],
     ["bench", "cli", "doctor", "launcher"],

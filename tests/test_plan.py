@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from paca_lightning.bench import plan as planner
+from paca_lightning import planning as planner
+from paca_lightning.bench import plan as plan_cli
 from paca_lightning.config import PaCAConfig
 from paca_lightning.loss import chunked_causal_lm_loss
 from paca_lightning.model import apply_paca
@@ -93,7 +94,7 @@ def test_longest_sequence_fits_and_the_next_step_does_not():
     config = small_config()
     settings = dict(batch_size=1, dtype=torch.float32, rank=8, chunk_size=8)
     budget = planner.plan_method(config, "paca", sequence_length=48, **settings).total_bytes
-    longest = planner.longest_sequence(config, "paca", budget, checkpoint_all=False, granularity=16,
+    longest = plan_cli.longest_sequence(config, "paca", budget, checkpoint_all=False, granularity=16,
                                        limit=64, **settings)
     assert longest >= 48
     assert planner.plan_method(config, "paca", sequence_length=longest, **settings).total_bytes <= budget

@@ -1,0 +1,243 @@
+"""Memory plan of one training step, from a model config alone (no weights, no hardware).
+
+The model is built and trained for one step under torch's ``FakeTensorMode``: every tensor has
+its real shape, dtype and storage but no values, so a 70B config plans in seconds on a CPU.
+Bytes saved for backward are counted exactly as `paca_lightning.bench.measure.saved_bytes`
+counts them on real tensors: distinct non-parameter storages packed by autograd. A decoder
+layer's share is what is packed while that layer's forward runs; the rest (embeddings, final
+norm, head and loss) is reported as ``head_and_loss``.
+
+Totals: ``persistent`` = parameters + gradients of trainable parameters + AdamW's two moments;
+``total_bytes`` = persistent + saved; ``total_checkpointed_bytes`` = persistent + the decoder
+layers' inputs (what full activation checkpointing keeps) + head_and_loss + one layer's saved
+bytes (the layer being recomputed). Transient workspace of single ops is not modelled.
+
+LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors' bf16 runs) and
+``lora-fp32`` with peft's default float32 adapters.
+
+`paca-lightning plan` (`paca_lightning.bench.plan`) prints these plans; training's
+``activation_checkpointing="auto"`` uses them to choose the layers to checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import PaCAConfig
+from .loss import chunked_causal_lm_loss
+from .model import apply_paca
+
+PLAN_METHODS = ("floor", "paca", "lora", "lora-fp32", "full")
+DEFAULT_TARGETS = "all-linear"
+
+
+@dataclass
+class MethodPlan:
+    method: str
+    saved_bytes: int
+    saved_per_layer_bytes: list[int]
+    head_and_loss_bytes: int
+    layer_input_bytes: int
+    layer_input_per_layer_bytes: list[int]
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    total_bytes: int
+    total_checkpointed_bytes: int
+    trainable_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_config(name_or_path: str):
+    """A transformers config from a ``config.json``, a directory holding one, or a hub name."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_file():
+        if path.name != "config.json":
+            raise ValueError(f"--model {name_or_path}: expected a config.json file or a directory holding one")
+        path = path.parent
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name_or_path}: directory has no config.json")
+    return AutoConfig.from_pretrained(str(path) if path.is_dir() else name_or_path)
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    # A fake tensor's storage has no address; the storage object's identity is unique for both kinds.
+    return tensor.untyped_storage()._cdata
+
+
+def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    for module in causal_lm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == causal_lm.config.num_hidden_layers:
+            return module
+    raise ValueError(f"{type(causal_lm).__name__}: no ModuleList of num_hidden_layers decoder layers found")
+
+
+def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], int]:
+    """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after."""
+    parameters = {_storage_key(p) for p in causal_lm.parameters()}
+    layers = _decoder_layers(causal_lm)
+    owner: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    current = [-1]
+    inputs: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.layout == torch.strided:
+            key = _storage_key(tensor)
+            if key not in parameters and key not in sizes:
+                sizes[key] = tensor.untyped_storage().nbytes()
+                owner[key] = current[0]
+        return tensor
+
+    handles = []
+    for index, layer in enumerate(layers):
+        def enter(module, args, kwargs, index=index):
+            current[0] = index
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs[index] = hidden.untyped_storage().nbytes()
+        handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda *a: current.__setitem__(0, -1)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = compute_loss()
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = [sum(n for k, n in sizes.items() if owner[k] == i) for i in range(len(layers))]
+    return sum(sizes.values()), per_layer, [inputs.get(i, 0) for i in range(len(layers))]
+
+
+def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) -> tuple[nn.Module, list[str]]:
+    if method == "full":
+        model.requires_grad_(True)
+        return model, []
+    if method == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model, ["all weights frozen: the least any adapter method can save"]
+    if method == "paca":
+        return apply_paca(model, PaCAConfig(rank=rank, alpha=2 * rank, target_modules=targets)), [f"rank {rank}"]
+    if method in ("lora", "lora-fp32"):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+        fp32 = method == "lora-fp32"
+        model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
+        if not fp32:
+            # peft skips casting adapters built on the meta device (a plan), so cast them here;
+            # on a real model peft already did.
+            for name, module in model.named_modules():
+                if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
+                    for key, parameter in list(module._parameters.items()):
+                        if parameter is not None and parameter.dtype != model.dtype:
+                            # replaced, not Module.to(): fake parameters cannot be swapped
+                            module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
+                                                                   requires_grad=parameter.requires_grad)
+        kind = "float32 (peft's default)" if fp32 else "the model's dtype"
+        return model, [f"rank {lora_rank}, adapters in {kind}"]
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
+
+
+def _fake_from_meta(model: nn.Module) -> nn.Module:
+    """Replace every meta parameter and buffer of ``model`` by a fake CPU tensor of the same shape,
+    dtype and trainability (tied parameters stay tied); must run inside ``FakeTensorMode``."""
+    replaced: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store, is_parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in list(store.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in replaced:
+                    new = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+                    keep = tensor.requires_grad
+                    replaced[id(tensor)] = nn.Parameter(new, requires_grad=keep) if is_parameter else new
+                store[name] = replaced[id(tensor)]
+    return model
+
+
+def plan_method(config, method: str, *, batch_size: int, sequence_length: int, dtype: torch.dtype,
+                rank: int = 64, lora_rank: Optional[int] = None, targets=DEFAULT_TARGETS,
+                chunk_size: int = 1024, fake: bool = True) -> MethodPlan:
+    """One training step of ``method`` on a model built from ``config`` (fake tensors unless ``fake=False``)."""
+    lora_rank = lora_rank or max(rank // 2, 1)
+    if not fake:
+        mode = contextlib.nullcontext()
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # Module.to() cannot assign a fake tensor into a real parameter's .data; replacing the
+    # parameter (torch's documented future behaviour) works for both kinds.
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with mode:
+            return _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank,
+                                 targets, chunk_size, fake)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
+                  chunk_size, is_fake_mode) -> MethodPlan:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if method.startswith("lora") and is_fake_mode:
+        # peft moves each new adapter with Module.to(), which cannot swap fake parameters: build
+        # on the meta device, then give every tensor a fake CPU twin (CPU kernels choose which
+        # tensors attention saves, so the meta device itself would count differently).
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model, notes = _prepare(method, model, rank, lora_rank, targets)
+        model = _fake_from_meta(model)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model, notes = _prepare(method, model, rank, lora_rank, targets)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
+
+    def compute_loss():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        head = model.get_output_embeddings()
+        return chunked_causal_lm_loss(hidden, head.weight, ids, lm_head_bias=head.bias, chunk_size=chunk_size)
+
+    saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+    layer_inputs = sum(inputs_per_layer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = sum({_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer_states = 2 * grads
+    persistent = weights + grads + optimizer_states
+    head = saved - sum(per_layer)
+    return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
+                      persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
+                      sum(p.numel() for p in trainable), notes)
+
+
+def total_with_checkpointing(plan: MethodPlan, layers: int) -> int:
+    """Planned total with ``layers`` decoder layers checkpointed: each keeps only its input, and one
+    layer's saved bytes exist again while it is recomputed in backward."""
+    persistent = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
+    gains = sorted((s - i for s, i in zip(plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes)),
+                   reverse=True)
+    recompute = max(plan.saved_per_layer_bytes, default=0) if layers else 0
+    return persistent + plan.saved_bytes - sum(gains[:layers]) + recompute
+
+
+def checkpointed_layers_needed(plan: MethodPlan, budget: int) -> Optional[int]:
+    """The fewest decoder layers to checkpoint for the step to fit ``budget`` bytes (None: never fits)."""
+    for layers in range(len(plan.saved_per_layer_bytes) + 1):
+        if total_with_checkpointing(plan, layers) <= budget:
+            return layers
+    return None
