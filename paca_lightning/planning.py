@@ -8,9 +8,11 @@ layer's share is what is packed while that layer's forward runs; the rest (embed
 norm, head and loss) is reported as ``head_and_loss``.
 
 Totals: ``persistent`` = parameters + gradients of trainable parameters + AdamW's two moments;
-``total_bytes`` = persistent + saved; ``total_checkpointed_bytes`` = persistent + the decoder
-layers' inputs (what full activation checkpointing keeps) + head_and_loss + one layer's saved
-bytes (the layer being recomputed). Transient workspace of single ops is not modelled.
+``total_bytes`` = persistent + saved; ``total_checkpointed_bytes`` = the peak with every decoder
+layer checkpointed (`total_with_checkpointing`: persistent + the layers' inputs + head and loss,
+or a layer's recomputation on top of the inputs before it, whichever is larger). Transient
+workspace of single ops (including the gradients flowing through a layer in backward) is not
+modelled.
 
 LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors' bf16 runs) and
 ``lora-fp32`` with peft's default float32 adapters.
@@ -74,17 +76,17 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+def decoder_layer_list(causal_lm: nn.Module) -> nn.ModuleList:
     for module in causal_lm.modules():
         if isinstance(module, nn.ModuleList) and len(module) == causal_lm.config.num_hidden_layers:
             return module
     raise ValueError(f"{type(causal_lm).__name__}: no ModuleList of num_hidden_layers decoder layers found")
 
 
-def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], int]:
+def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], list[int]]:
     """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after."""
     parameters = {_storage_key(p) for p in causal_lm.parameters()}
-    layers = _decoder_layers(causal_lm)
+    layers = decoder_layer_list(causal_lm)
     owner: dict[int, int] = {}
     sizes: dict[int, int] = {}
     current = [-1]
@@ -170,49 +172,90 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
                 chunk_size: int = 1024, fake: bool = True) -> MethodPlan:
     """One training step of ``method`` on a model built from ``config`` (fake tensors unless ``fake=False``)."""
     lora_rank = lora_rank or max(rank // 2, 1)
-    if not fake:
-        mode = contextlib.nullcontext()
-    else:
+    notes: list[str] = []
+
+    def prepare(model: nn.Module) -> nn.Module:
+        model, method_notes = _prepare(method, model, rank, lora_rank, targets)
+        notes.extend(method_notes)
+        return model
+
+    # peft moves each new adapter with Module.to(), which cannot swap fake parameters
+    planned = plan_step(config, prepare, batch_size=batch_size, sequence_length=sequence_length, dtype=dtype,
+                        chunk_size=chunk_size, fake=fake, build_on_meta=method.startswith("lora"))
+    planned.method, planned.notes = method, notes
+    return planned
+
+
+@contextlib.contextmanager
+def _planning_mode(fake: bool):
+    """``FakeTensorMode`` (or nothing), with module conversions that replace parameters: Module.to()
+    cannot assign a fake tensor into a real parameter's .data, and replacing the parameter (torch's
+    documented future behaviour) works for both kinds."""
+    if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # Module.to() cannot assign a fake tensor into a real parameter's .data; replacing the
-    # parameter (torch's documented future behaviour) works for both kinds.
+    else:
+        mode = contextlib.nullcontext()
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         with mode:
-            return _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank,
-                                 targets, chunk_size, fake)
+            yield
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
-def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
-                  chunk_size, is_fake_mode) -> MethodPlan:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    if method.startswith("lora") and is_fake_mode:
-        # peft moves each new adapter with Module.to(), which cannot swap fake parameters: build
-        # on the meta device, then give every tensor a fake CPU twin (CPU kernels choose which
-        # tensors attention saves, so the meta device itself would count differently).
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            model, notes = _prepare(method, model, rank, lora_rank, targets)
-        model = _fake_from_meta(model)
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model, notes = _prepare(method, model, rank, lora_rank, targets)
-    model.train()
-    ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
-
-    def compute_loss():
+def chunked_loss_step(chunk_size: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The loss of a step as `PaCAFineTuneModule(chunked_loss=True)` computes it."""
+    def loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         hidden = model.base_model(input_ids=ids).last_hidden_state
         head = model.get_output_embeddings()
         return chunked_causal_lm_loss(hidden, head.weight, ids, lm_head_bias=head.bias, chunk_size=chunk_size)
+    return loss
 
-    saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+
+def plan_step(config, prepare: Callable[[nn.Module], nn.Module], *, batch_size: int, sequence_length: int,
+              dtype: torch.dtype, chunk_size: Optional[int] = 1024,
+              loss: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+              fake: bool = True, build_on_meta: bool = False, autocast_dtype: Optional[torch.dtype] = None,
+              method: str = "custom") -> MethodPlan:
+    """One training step of the model built from ``config`` in ``dtype`` and adapted by ``prepare``.
+
+    ``loss(model, ids)`` computes the step's loss (default: the chunked loss with ``chunk_size``,
+    or the model's own loss from full logits when ``chunk_size`` is None). ``build_on_meta``
+    builds and prepares on the meta device, then gives every tensor a fake CPU twin, for
+    preparations that move parameters (peft); CPU kernels choose which tensors attention saves, so
+    the meta device itself would count differently. ``autocast_dtype`` runs the step under CPU
+    autocast, as mixed-precision training does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if loss is None:
+        loss = (chunked_loss_step(chunk_size) if chunk_size is not None
+                else lambda model, ids: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    with _planning_mode(fake):
+        torch.manual_seed(0)
+        if build_on_meta and fake:
+            with torch.device("meta"):
+                model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype))
+            model = _fake_from_meta(model)
+        else:
+            model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype))
+        model.train()
+        ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
+        autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+
+        def compute_loss():
+            with autocast:
+                return loss(model, ids)
+
+        saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+        return _totals(method, model, saved, per_layer, inputs_per_layer)
+
+
+def _totals(method: str, model: nn.Module, saved: int, per_layer: list[int], inputs_per_layer: list[int]) -> MethodPlan:
     layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = sum({_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}.values())
@@ -220,24 +263,36 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
-    return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
-                      persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
-                      sum(p.numel() for p in trainable), notes)
+    plan = MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
+                      persistent + saved, 0, sum(p.numel() for p in trainable))
+    plan.total_checkpointed_bytes = total_with_checkpointing(plan, len(per_layer))
+    return plan
 
 
-def total_with_checkpointing(plan: MethodPlan, layers: int) -> int:
-    """Planned total with ``layers`` decoder layers checkpointed: each keeps only its input, and one
-    layer's saved bytes exist again while it is recomputed in backward."""
-    persistent = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
-    gains = sorted((s - i for s, i in zip(plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes)),
-                   reverse=True)
-    recompute = max(plan.saved_per_layer_bytes, default=0) if layers else 0
-    return persistent + plan.saved_bytes - sum(gains[:layers]) + recompute
+def total_with_checkpointing(plan: MethodPlan, layers: int, persistent_bytes: Optional[int] = None) -> int:
+    """Planned peak of the step with the first ``layers`` decoder layers checkpointed.
+
+    A checkpointed layer keeps only its input. The peak is the larger of the start of backward
+    (persistent + head and loss + what every layer keeps) and each recomputation: backward
+    reaches checkpointed layer ``j`` after every later layer has freed its saved tensors, so then
+    only the layers before ``j`` hold anything besides ``j``'s recomputed activations. That is
+    why the first layers are the ones to checkpoint: recomputed last, they add least.
+    ``persistent_bytes`` replaces the plan's weights + gradients + optimizer states (e.g. one FSDP
+    rank's real share).
+    """
+    if persistent_bytes is None:
+        persistent_bytes = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
+    saved, inputs = plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes
+    kept = [inputs[index] if index < layers else size for index, size in enumerate(saved)]
+    peak = plan.head_and_loss_bytes + sum(kept)
+    for index in range(min(layers, len(saved))):
+        peak = max(peak, sum(kept[:index]) + saved[index])
+    return persistent_bytes + peak
 
 
-def checkpointed_layers_needed(plan: MethodPlan, budget: int) -> Optional[int]:
+def checkpointed_layers_needed(plan: MethodPlan, budget: int, persistent_bytes: Optional[int] = None) -> Optional[int]:
     """The fewest decoder layers to checkpoint for the step to fit ``budget`` bytes (None: never fits)."""
     for layers in range(len(plan.saved_per_layer_bytes) + 1):
-        if total_with_checkpointing(plan, layers) <= budget:
+        if total_with_checkpointing(plan, layers, persistent_bytes) <= budget:
             return layers
     return None
