@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .config import PaCAConfig
 from .loss import chunked_causal_lm_loss
@@ -84,13 +85,17 @@ def decoder_layer_list(causal_lm: nn.Module) -> nn.ModuleList:
 
 
 def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], list[int]]:
-    """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after."""
+    """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after.
+
+    A layer's inputs are the storages of its tensor arguments not already counted for an
+    earlier layer: what checkpointing that layer keeps."""
     parameters = {_storage_key(p) for p in causal_lm.parameters()}
     layers = decoder_layer_list(causal_lm)
     owner: dict[int, int] = {}
     sizes: dict[int, int] = {}
     current = [-1]
     inputs: dict[int, int] = {}
+    seen_inputs: set[int] = set()
 
     def pack(tensor):
         if tensor.layout == torch.strided:
@@ -103,9 +108,16 @@ def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) 
     handles = []
     for index, layer in enumerate(layers):
         def enter(module, args, kwargs, index=index):
+            # A checkpointed layer keeps its tensor arguments: the hidden states and what the
+            # layers share (rotary cos/sin, a mask), the shared ones counted at the first layer.
             current[0] = index
-            hidden = args[0] if args else kwargs["hidden_states"]
-            inputs[index] = hidden.untyped_storage().nbytes()
+            inputs[index] = 0
+            for tensor in tree_leaves((args, kwargs)):
+                if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                    key = _storage_key(tensor)
+                    if key not in parameters and key not in seen_inputs:
+                        seen_inputs.add(key)
+                        inputs[index] += tensor.untyped_storage().nbytes()
         handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(layer.register_forward_hook(lambda *a: current.__setitem__(0, -1)))
     try:

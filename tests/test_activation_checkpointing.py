@@ -1,5 +1,7 @@
 """``activation_checkpointing="auto"``: the fewest decoder layers a memory budget needs, exact gradients."""
 
+import json
+
 import pytest
 import torch
 
@@ -106,3 +108,20 @@ def test_the_former_name_still_turns_every_layer_on():
 def test_auto_on_a_cpu_needs_a_budget(tmp_path):
     with pytest.raises(ValueError, match="on a 'cpu' device needs memory_budget_gb"):
         fit(tmp_path, activation_checkpointing="auto")
+
+
+def test_checkpointing_benchmark_reports_fewer_paca_layers_exact_gradients_and_the_plan_bytes(capsys):
+    from paca_lightning.bench import checkpointing
+
+    assert checkpointing.main(["--model", "llama-50m", "--batch-size", "1", "--sequence-length", "64",
+                               "--lora-layers", "1", "--warmup", "0", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    paca, lora = result["methods"]["paca"], result["methods"]["lora"]
+    assert lora["checkpointed_layers"] == 1 and paca["checkpointed_layers"] == 0
+    assert paca["planned_activation_peak_bytes"] <= result["activation_budget_bytes"]
+    for entry in (paca, lora):
+        assert entry["max_gradient_difference"] == 0.0
+        # the plan also counts a checkpointed layer's int64 position ids (64 x 8 bytes), which autograd does not save
+        difference = entry["measured_saved_bytes"] - entry["planned_saved_bytes"]
+        assert -entry["checkpointed_layers"] * 64 * 8 - 8 <= difference <= 0
+    assert result["step_time_ratio_paca_over_lora"] > 0

@@ -45,6 +45,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers' non-reentrant checkpointing on every decoder layer (reentrant checkpointing
     would need inputs that require grad)."""
     kwargs = {"use_reentrant": False}
+    had_input_grads = getattr(model, "_require_grads_hook", None) is not None
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -52,6 +53,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     else:
         raise TypeError(f"activation checkpointing needs a transformers model; {type(model).__name__} has "
                         "neither activation_checkpointing_enable nor gradient_checkpointing_enable")
+    if not had_input_grads and getattr(model, "_require_grads_hook", None) is not None:
+        # transformers also makes the embeddings' output require grad, which only reentrant
+        # checkpointing needs; left on, the first layer would save and compute an input gradient
+        # nobody uses (with every weight of it frozen but PaCA's columns or LoRA's matrices)
+        model.disable_input_require_grads()
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
