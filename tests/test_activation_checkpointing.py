@@ -125,3 +125,16 @@ def test_checkpointing_benchmark_reports_fewer_paca_layers_exact_gradients_and_t
         difference = entry["measured_saved_bytes"] - entry["planned_saved_bytes"]
         assert -entry["checkpointed_layers"] * 64 * 8 - 8 <= difference <= 0
     assert result["step_time_ratio_paca_over_lora"] > 0
+
+
+def test_checkpointing_in_both_the_module_and_the_fsdp2_strategy_is_refused():
+    from types import SimpleNamespace
+
+    from paca_lightning.training import PaCAModelParallelStrategy
+
+    module = PaCAFineTuneModule(make_tiny_llama(), CONFIG, activation_checkpointing="auto", memory_budget_gb=10)
+    module._trainer = SimpleNamespace(strategy=PaCAModelParallelStrategy(activation_checkpointing=True))
+    with pytest.raises(ValueError, match="would checkpoint each layer twice"):
+        module.configure_model()
+    module._trainer = SimpleNamespace(strategy=PaCAModelParallelStrategy())
+    module.configure_model()

@@ -193,6 +193,11 @@ class PaCAFineTuneModule(LightningModule):
         """Build the named model and prepare it (`_prepare`); a model given as a module was
         prepared in ``__init__``. Runs under the strategy's init contexts and before it wraps
         the model; repeated calls (``fit`` then ``validate``) leave the model as it is."""
+        if self.activation_checkpointing and getattr(getattr(self._trainer, "strategy", None),
+                                                     "activation_checkpointing", False):
+            raise ValueError(f"PaCAFineTuneModule(activation_checkpointing={self.activation_checkpointing!r}) and the "
+                             "strategy's activation_checkpointing=True would checkpoint each layer twice; keep one "
+                             "(the module's, for 'auto')")
         if self.model is None:
             checkpoint = self._sharded_loading_source()
             if checkpoint is None:
