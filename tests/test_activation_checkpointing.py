@@ -138,3 +138,22 @@ def test_checkpointing_in_both_the_module_and_the_fsdp2_strategy_is_refused():
         module.configure_model()
     module._trainer = SimpleNamespace(strategy=PaCAModelParallelStrategy())
     module.configure_model()
+
+
+def test_auto_plans_a_qpaca_run_counting_its_packed_weights_and_quantization_states(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from paca_lightning.quantized import QuantizedPaCALinear
+    from paca_lightning.training.activation_checkpointing import device_persistent_bytes
+
+    module = PaCAFineTuneModule(tiny_model(), PaCAConfig(rank=8, alpha=16, quantize="nf4"), learning_rate=1e-2,
+                                activation_checkpointing="auto", memory_budget_gb=1000)
+    quiet_trainer(tmp_path, max_steps=1).fit(module, loader(token_examples(8, length=48), 4))
+    model = module.model
+    states = sum(layer.state_bytes() for layer in model.modules() if isinstance(layer, QuantizedPaCALinear))
+    tensors = [*model.parameters(), *model.buffers()]
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert states > 0
+    assert module.checkpointing_plan.persistent_bytes == device_persistent_bytes(model) == \
+        sum(storages.values()) + states + 3 * trained
+    assert checkpointed(module) == [False] * LAYERS
