@@ -213,9 +213,9 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
     if config.quantize is not None:
         import_bitsandbytes(f"PaCAConfig.quantize={config.quantize!r}")
     check_quantized_targets(config.selection, config.quantize, targets)
-    if weights_later and (indices is None or config.quantize is not None):
+    if weights_later and indices is None:
         raise ValueError("apply_paca(weights_later=True) needs indices= (the columns are chosen where the "
-                         "weights are loaded) and no PaCAConfig.quantize (quantizing needs the weights)")
+                         "weights are loaded)")
     for name, module in targets.items():
         if module.weight.is_meta and not weights_later:
             raise ValueError(f"module {name!r} has its weight on the meta device (built under torch.device('meta') "
@@ -258,7 +258,10 @@ def apply_paca(model: nn.Module, config: PaCAConfig, *, calibration: Optional[Ca
             set_submodule(model, name, layer)
             install_paca_forward(module.owner)
             continue
-        if config.quantize is not None or is_quantized_linear(module):
+        if weights_later and config.quantize is not None:  # quantized as its weight is loaded
+            layer = QuantizedPaCALinear.awaiting_weights(module, chosen[name], scaling, config.quantize,
+                                                         _resolve_paca_dtype(config, torch.float32))
+        elif config.quantize is not None or is_quantized_linear(module):
             # A quantized base dequantizes to float32 exactly, so "auto" keeps float32 columns.
             layer = quantized_paca_layer(module, chosen[name], scaling, config.quantize,
                                          _resolve_paca_dtype(config, torch.float32), model)

@@ -346,6 +346,44 @@ class QuantizedPaCALinear(PaCALayer):
         self.paca_enabled = True
         self._base_module = (base,)
 
+    @classmethod
+    def awaiting_weights(cls, linear: nn.Linear, paca_indices: torch.Tensor, scaling: float, quantize: str,
+                         paca_dtype: torch.dtype) -> QuantizedPaCALinear:
+        """The layer ``quantize_linear`` + the constructor would make from ``linear``, with the
+        right shapes on the meta device and no values: sharded loading
+        (`paca_lightning.parallel.loading`) fills the packed bytes, the quantization state
+        (``_extra_state``), the pretrained columns and ``paca_weight`` from one rank's real layer.
+        The constructor needs the quantized weight itself, so this builds the same attributes
+        from the shapes alone."""
+        bnb = import_bitsandbytes(f"PaCAConfig.quantize={quantize!r}")
+        layer = cls.__new__(cls)
+        PaCALayer.__init__(layer)
+        dtype, has_bias = linear.weight.dtype, linear.bias is not None
+        elements = linear.in_features * linear.out_features
+        if quantize == "int8":
+            base = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                       has_fp16_weights=False, device="meta")
+            layer.kind = "8bit"
+            layer.int8_row_scales = torch.empty(linear.out_features, dtype=torch.float32, device="meta")
+            packed = torch.empty(linear.out_features, linear.in_features, dtype=torch.int8, device="meta")
+        else:
+            base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype,
+                                     compress_statistics=True, quant_type=quantize, device="meta")
+            layer.kind, layer.quant_state, layer.quant_storage, layer.compute_dtype = "4bit", None, torch.uint8, dtype
+            packed = torch.empty((elements + 1) // 2, 1, dtype=torch.uint8, device="meta")  # two codes per byte
+        base.weight = None
+        layer.transposed = False
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.scaling = float(scaling)
+        layer.weight = nn.Parameter(packed, requires_grad=False)
+        layer.bias = linear.bias
+        layer.register_buffer("paca_indices", validated_indices(paca_indices, linear.in_features, torch.device("meta")))
+        rank = layer.paca_indices.numel()
+        layer.register_buffer("paca_base_columns", torch.empty(linear.out_features, rank, device="meta"))
+        layer.paca_weight = nn.Parameter(torch.empty(linear.out_features, rank, dtype=paca_dtype, device="meta"))
+        layer.merge_dtype, layer.paca_enabled, layer._base_module = dtype, True, (base,)
+        return layer
+
     @property
     def quantized_base(self) -> nn.Module:
         """The wrapped bitsandbytes layer, without its weight while wrapped (see `_release`)."""
@@ -492,6 +530,11 @@ class QuantizedPaCALinear(PaCALayer):
         return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
+        if not isinstance(state, torch.Tensor):
+            # torch's set_model_state_dict(broadcast_from_rank0=True) hands every module with
+            # extra state a placeholder when the state dict it broadcasts (here: one safetensors
+            # file's layers) does not hold that module's state; its state arrives with its file
+            return
         tensors = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=True)
         device = self.weight.device
         if self.kind == "4bit":

@@ -41,14 +41,14 @@ def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_p
                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied)
     assert len(list((tmp_path / "model").glob("*.safetensors"))) > 2
     found = launch(tmp_path, "exact", tmp_path / "model")
-    for selection in ("random", "weight_norm"):
-        result = found[selection]
-        assert result["indices_identical"], (selection, result)
-        assert result["columns_identical"], (selection, result)
-        assert result["merged_identical"], (selection, result)
+    for run in ("random", "weight_norm", "random_nf4", "weight_norm_nf4"):
+        result = found[run]
+        assert result["indices_identical"], (run, result)
+        assert result["columns_identical"], (run, result)
+        assert result["merged_identical"], (run, result)
         assert result["merged_tensors"] > 0 and result["columns_tensors"] > 0
         # fit-end merged export under FSDP2: one file per decoder layer (2) and one for the rest
-        assert found[f"{selection}_export"] == {"identical": True, "files": 3}, found
+        assert found[f"{run}_export"] == {"identical": True, "files": 3}, found
 
 
 @pytest.mark.slow
@@ -91,6 +91,42 @@ def test_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
         assert peaks["trained"] - peaks["start"] < whole["trained"] - whole["start"], (rank, peaks, whole)
 
 
+@pytest.mark.slow
+def test_qpaca_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from paca_lightning import apply_paca
+    from paca_lightning.quantized import QuantizedPaCALinear
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    model = save_llama(tmp_path / "model", "100MB", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=12, num_key_value_heads=4, vocab_size=4096)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    largest_file = max(path.stat().st_size for path in (tmp_path / "model").glob("*.safetensors"))
+    apply_paca(model, PaCAConfig(rank=8, alpha=16, target_modules="all-linear", quantize="nf4"))
+    sharded_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # packed weights, P, the rest
+    whole_bytes = (sum(b.numel() * b.element_size() for b in model.buffers())  # pretrained columns: whole
+                   + sum(m.state_bytes() for m in model.modules() if isinstance(m, QuantizedPaCALinear)))
+    del model
+    ranks = launch(tmp_path, "memory-sharded-nf4", tmp_path / "model")["ranks"]
+    today = launch(tmp_path, "memory-full-nf4", tmp_path / "model")["ranks"]
+    world = len(ranks)
+
+    def growth(peaks):
+        return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
+
+    print(f"16-bit model {dense_bytes >> 20} MiB, QPaCA model {sharded_bytes >> 20} MiB sharded + {whole_bytes >> 20} "
+          f"MiB whole per rank, dense layer {layer_bytes >> 20} MiB, largest file {largest_file >> 20} MiB; per-rank "
+          f"VmHWM growth (MiB) after setup / after 2 steps: sharded {[growth(r) for r in ranks]}, "
+          f"whole model per rank {[growth(r) for r in today]}")
+    share = sharded_bytes / world + whole_bytes + 2 * layer_bytes
+    for rank, (peaks, whole) in enumerate(zip(ranks, today)):
+        setup = peaks["ready"] - peaks["start"]
+        assert setup <= share + (largest_file if rank == 0 else 0), (rank, setup, share)
+        assert setup < whole["ready"] - whole["start"], (rank, peaks, whole)
+        assert peaks["trained"] - peaks["start"] < whole["trained"] - whole["start"], (rank, peaks, whole)
+
+
 def test_meta_build_applies_paca_without_allocating_weights(tmp_path):
     save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
@@ -99,12 +135,33 @@ def test_meta_build_applies_paca_without_allocating_weights(tmp_path):
     assert model.model.layers[0].mlp.down_proj.paca_weight.shape == (32, 4)
 
 
-@pytest.mark.parametrize("change", [{"selection": "gradient"}, {"quantize": "nf4"}])
-def test_meta_build_refuses_what_needs_the_loaded_weights(tmp_path, change):
+def test_meta_build_refuses_a_selection_that_needs_the_loaded_weights(tmp_path):
     save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     with pytest.raises(ValueError, match="sharded loading"):
-        apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear", **change))
+        apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear",
+                                                               selection="gradient"))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_a_qpaca_layer_awaiting_its_weights_has_the_real_layers_shapes_and_state_keys(tmp_path, quantize):
+    pytest.importorskip("bitsandbytes")
+    from paca_lightning import apply_paca
+    from paca_lightning.parallel.loading import _tensor_keys
+
+    real = save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    config = PaCAConfig(rank=4, target_modules="all-linear", quantize=quantize)
+    meta = apply_paca_on_meta(build_on_meta(tmp_path), config)
+    real = apply_paca(real, config)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
+        skeleton, layer = meta.get_submodule(name), real.get_submodule(name)
+        assert skeleton.kind == layer.kind and skeleton.merge_dtype == layer.merge_dtype
+        for key, tensor in layer.state_dict().items():
+            if key != "_extra_state":
+                found = getattr(skeleton, key)
+                assert (found.shape, found.dtype, found.is_meta) == (tensor.shape, tensor.dtype, True), key
+    assert _tensor_keys(meta) | {k for k in real.state_dict() if k.endswith("_extra_state")} == set(real.state_dict())
 
 
 def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_and_says_when_it_cannot(
@@ -121,13 +178,19 @@ def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_a
     sharded.configure_model()
     assert all(p.is_meta for p in sharded.model.parameters())
     assert sharded.model.paca_pending_checkpoint == tmp_path
-    whole = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear", quantize="nf4"))
+    quantized = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, target_modules="all-linear",
+                                                                  quantize="nf4"))
+    quantized._trainer = SimpleNamespace(strategy=strategy)
+    quantized.configure_model()  # QPaCA too: each weight is quantized as it is loaded
+    assert all(p.is_meta for p in quantized.model.parameters())
+    assert type(quantized.model.model.layers[0].mlp.up_proj).__name__ == "QuantizedPaCALinear"
+    whole = PaCAFineTuneModule(str(tmp_path), method="lora")
     whole._trainer = SimpleNamespace(strategy=strategy)
     with caplog.at_level("INFO"):
         whole.configure_model()
     assert not any(p.is_meta for p in whole.model.parameters())
     assert not hasattr(whole.model, "paca_pending_checkpoint")
-    assert "loads the whole model" in caplog.text and "quantize='nf4'" in caplog.text
+    assert "loads the whole model" in caplog.text and "method='lora'" in caplog.text
 
 
 def test_a_model_type_whose_checkpoint_transformers_converts_on_load_is_refused_with_the_way_out(tmp_path):

@@ -18,14 +18,24 @@ and ``paca_weight = W[:, S] / s``, with the same formula as a whole-model `apply
 So no rank ever holds more than its shards plus one full tensor in flight, and rank 0 one
 safetensors file on top.
 
+QPaCA (``PaCAConfig.quantize``): the meta build holds `QuantizedPaCALinear` layers awaiting their
+weights (`QuantizedPaCALinear.awaiting_weights`: packed-byte shapes, no values). Rank 0 builds
+each one's real layer from the full weight as it streams past, exactly as a whole-model
+`apply_paca` does (columns chosen on the 16-bit weight, then bitsandbytes quantizes it on the
+CPU), and sends its packed bytes (sharded like any parameter), its quantization state (the
+layer's ``_extra_state``, whole on every rank), pretrained columns and ``paca_weight``. No rank
+ever holds the 16-bit model: rank 0 holds one 16-bit weight at a time.
+
 Why rank 0 streams rather than every rank reading its own slices (``safe_open().get_slice``):
 PaCA needs whole input columns of each weight (``W[:, S]`` and the column norms), which a
 row shard does not hold, and a GPT-2 Conv1D shard (dim 1) is a strided read touching every page
 of the tensor; one reader that sees each full tensor once gives them without extra collectives.
+QPaCA's packed bytes, too, shard along the flattened weight, not along its rows, and the
+quantization blocks (64 values) are computed from whole rows of the full weight.
 
-Not covered: ``selection="gradient"`` (needs a calibration pass on the loaded model) and
-``PaCAConfig.quantize`` (QPaCA quantizes whole weights at wrap time), and model types whose
-checkpoint transformers converts on load (`converted_on_load`); all are refused here, and
+Not covered: ``selection="gradient"`` (needs a calibration pass on the loaded model), models
+already quantized on disk (a bitsandbytes checkpoint), and model types whose checkpoint
+transformers converts on load (`converted_on_load`); all are refused here, and
 `PaCAFineTuneModule` loads them whole under FSDP2, saying why. DDP needs the whole model in
 every process and does not use this.
 """
@@ -44,6 +54,7 @@ from ..config import PaCAConfig
 from ..experts import ExpertParameter
 from ..layers import in_features_of, initial_columns
 from ..model import apply_paca, find_targets, paca_layers, sync_paca_columns
+from ..quantized import QuantizedPaCALinear, quantize_linear
 from ..selection import random_columns, top_columns, weight_norm_scores
 from .fsdp2 import shard_paca_model
 
@@ -100,9 +111,6 @@ def apply_paca_on_meta(model: nn.Module, config: PaCAConfig) -> nn.Module:
         raise ValueError(f"PaCAConfig.selection={config.selection!r} needs the loaded model (a calibration "
                          f"pass), so it cannot be used with sharded loading; use one of {SUPPORTED_SELECTIONS}, "
                          "or load the whole model in each process")
-    if config.quantize is not None:
-        raise ValueError(f"PaCAConfig.quantize={config.quantize!r}: QPaCA quantizes whole weights when it wraps "
-                         "them, so it cannot be used with sharded loading yet; load the whole model in each process")
     indices = {}
     for name, module in find_targets(model, config).items():
         if isinstance(module, ExpertParameter):
@@ -131,17 +139,38 @@ def _restore_non_persistent_buffers(model: nn.Module, names: list[str]) -> None:
             model._init_weights(model.get_submodule(owner))
 
 
+def _chosen_columns(name: str, layer, weight: torch.Tensor, config: PaCAConfig) -> torch.Tensor:
+    if config.selection == "weight_norm":
+        return top_columns(weight_norm_scores(weight, layer.transposed), layer.rank)
+    # the layer's own buffer was emptied by to_empty: the same seeded draw as apply_paca_on_meta
+    return random_columns(layer.in_features, layer.rank, config.seed, name)
+
+
 def _paca_state(name: str, layer, weight: torch.Tensor, config: PaCAConfig) -> dict[str, torch.Tensor]:
     """The state apply_paca gives layer ``name`` on a whole model whose weight is ``weight``."""
+    if isinstance(layer, QuantizedPaCALinear):
+        return _quantized_paca_state(name, layer, weight, config)
     weight = weight.to(layer.weight.dtype)
-    if config.selection == "weight_norm":
-        indices = top_columns(weight_norm_scores(weight, layer.transposed), layer.rank)
-    else:  # the layer's own buffer was emptied by to_empty: the same seeded draw as apply_paca_on_meta
-        indices = random_columns(layer.in_features, layer.rank, config.seed, name)
+    indices = _chosen_columns(name, layer, weight, config)
     columns, paca_weight = initial_columns(weight, indices, layer.transposed, layer.scaling,
                                            layer.paca_weight.dtype)
     return {f"{name}.paca_indices": indices, f"{name}.paca_base_columns": columns,
             f"{name}.paca_weight": paca_weight, f"{name}.weight": weight}
+
+
+def _quantized_paca_state(name: str, layer: QuantizedPaCALinear, weight: torch.Tensor,
+                          config: PaCAConfig) -> dict[str, torch.Tensor]:
+    """QPaCA: the layer a whole-model `apply_paca` builds from ``weight``, built here on rank 0
+    (columns chosen on the full-precision weight, then quantized exactly as there), and its state:
+    packed bytes, quantization state, pretrained columns and ``paca_weight``. Only this one
+    weight is ever held in 16 bits."""
+    weight = weight.to(layer.merge_dtype)
+    indices = _chosen_columns(name, layer, weight, config)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=weight.dtype, device=weight.device)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    real = QuantizedPaCALinear(quantize_linear(linear, config.quantize), indices, layer.scaling,
+                               layer.paca_weight.dtype, layer.merge_dtype)
+    return real.state_dict(prefix=f"{name}.")
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:
@@ -152,13 +181,25 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
+def _tensor_keys(model: nn.Module) -> set[str]:
+    """The parameter and persistent buffer keys of ``model.state_dict()``, without calling it: a
+    QPaCA layer awaiting its weights has no quantization state to serialize yet."""
+    keys = set()
+    for owner, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{owner}." if owner else ""
+        keys |= {prefix + name for name, param in module._parameters.items() if param is not None}
+        keys |= {prefix + name for name, buffer in module._buffers.items()
+                 if buffer is not None and name not in module._non_persistent_buffers_set}
+    return keys
+
+
 def _check_keys(model: nn.Module, files: list[Path]) -> None:
     """Every rank: each model tensor is in exactly one file, and no file has a tensor the model
     lacks (read from the file headers only)."""
     from safetensors import safe_open
 
     derived = (".paca_indices", ".paca_base_columns", ".paca_weight")
-    expected = {k for k in model.state_dict() if not k.endswith(derived)} - _tied_aliases(model)
+    expected = {k for k in _tensor_keys(model) if not k.endswith(derived)} - _tied_aliases(model)
     found: dict[str, Path] = {}
     for path in files:
         with safe_open(path, "pt") as handle:

@@ -228,9 +228,9 @@ class PaCAFineTuneModule(LightningModule):
         reason = None
         if self.method != "paca":
             reason = f"method={self.method!r} (sharded loading builds PaCA layers only)"
-        elif self.paca.selection not in SHARDED_SELECTIONS or self.paca.quantize is not None:
-            reason = (f"PaCAConfig selection={self.paca.selection!r}, quantize={self.paca.quantize!r} need the whole "
-                      f"weights (sharded loading supports selection in {SHARDED_SELECTIONS}, no quantize)")
+        elif self.paca.selection not in SHARDED_SELECTIONS:
+            reason = (f"PaCAConfig selection={self.paca.selection!r} needs the whole model (sharded loading "
+                      f"supports selection in {SHARDED_SELECTIONS})")
         elif not (folder / "config.json").is_file():
             reason = f"{self.model_name!r} is not a local model folder (download it first to load it shard by shard)"
         elif converted_on_load(folder):

@@ -1,13 +1,14 @@
 """Launched by tests/test_distributed_sharded_loading.py as
 ``torchrun --nproc-per-node 2 sharded_loading_worker.py OUT_DIR MODE CHECKPOINT``.
 
-MODE ``exact``: for ``random`` and ``weight_norm`` selection, today's path (every rank loads the
+MODE ``exact``: for ``random`` and ``weight_norm`` selection, dense and nf4 (QPaCA), today's path (every rank loads the
 whole model, then FSDP2 shards it) and the sharded path (`sharded_paca_model`: meta build,
 shard, fill from the safetensors files) train 3 AdamW steps on the same batches; rank 0 reports
 whether trained columns, merged weights and chosen columns are bit-identical.
 
-MODE ``memory-full`` / ``memory-sharded``: each rank's peak resident memory (the kernel's VmHWM)
-after start-up, after the model is ready, and after 2 training steps, for the one path.
+MODE ``memory-full`` / ``memory-sharded`` (``-nf4`` appended: QPaCA): each rank's peak resident
+memory (the kernel's VmHWM) after start-up, after the model is ready, and after 2 training
+steps, for the one path.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def identical(a: dict, b: dict) -> bool:
 
 def exact(checkpoint: str) -> dict:
     found = {}
-    for selection in ("random", "weight_norm"):
-        config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", bias="none", selection=selection)
+    for selection, quantize in (("random", None), ("weight_norm", None), ("random", "nf4"), ("weight_norm", "nf4")):
+        config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", bias="none", selection=selection,
+                            quantize=quantize)
+        run = selection if quantize is None else f"{selection}_{quantize}"
         runs = []
         for build in (full_load, sharded_paca_model):
             model = build(checkpoint, config)
@@ -83,15 +86,15 @@ def exact(checkpoint: str) -> dict:
             train(model, STEPS, vocab)
             runs.append(outcome(model))
         # the merged export, written one decoder layer at a time, loads as the merged weights
-        export = Path(checkpoint).parent / f"export_{selection}"
+        export = Path(checkpoint).parent / f"export_{run}"
         export_merged(model, export)
         if dist.get_rank() == 0:
             files = len(list(export.glob("*.safetensors")))
             exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict()
-            found[f"{selection}_export"] = {"identical": identical(exported, runs[-1][1]), "files": files}
+            found[f"{run}_export"] = {"identical": identical(exported, runs[-1][1]), "files": files}
         if dist.get_rank() == 0:
             (cols_a, merged_a, idx_a), (cols_b, merged_b, idx_b) = runs
-            found[selection] = {"columns_identical": identical(cols_a, cols_b),
+            found[run] = {"columns_identical": identical(cols_a, cols_b),
                                 "merged_identical": identical(merged_a, merged_b),
                                 "indices_identical": identical(idx_a, idx_b),
                                 "merged_tensors": len(merged_a), "columns_tensors": len(cols_a),
@@ -118,8 +121,9 @@ def warm_up(out: Path, config: PaCAConfig) -> None:
         del model
 
 
-def memory(out: Path, checkpoint: str, sharded: bool) -> dict:
-    config = PaCAConfig(rank=8, alpha=16, target_modules="all-linear", bias="none", selection="weight_norm")
+def memory(out: Path, checkpoint: str, sharded: bool, quantize=None) -> dict:
+    config = PaCAConfig(rank=8, alpha=16, target_modules="all-linear", bias="none", selection="weight_norm",
+                        quantize=quantize)
     if dist.get_rank() == 0:
         from transformers import AutoConfig
         AutoConfig.from_pretrained(checkpoint).save_pretrained(out / "model_config")
@@ -204,7 +208,8 @@ def main(out: Path, mode: str, checkpoint: str) -> None:
     if mode == "exact":
         results.update(exact(checkpoint))
     else:
-        results.update(memory(out, checkpoint, sharded=mode == "memory-sharded"))
+        path, _, quantize = mode.removeprefix("memory-").partition("-")  # memory-sharded[-nf4]
+        results.update(memory(out, checkpoint, sharded=path == "sharded", quantize=quantize or None))
     finish_worker(out, results)
 
 
