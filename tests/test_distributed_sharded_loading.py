@@ -52,10 +52,12 @@ def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_p
 
 
 @pytest.mark.slow
-def test_lightning_fsdp2_builds_a_named_model_on_meta_and_trains_resumes_and_exports_like_the_whole_load(tmp_path):
+@pytest.mark.parametrize("mode", ["lightning", "lightning-nf4"], ids=["dense", "qpaca_nf4"])
+def test_lightning_fsdp2_builds_a_named_model_on_meta_and_trains_resumes_and_exports_like_the_whole_load(
+        tmp_path, mode):
     save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    found = launch(tmp_path, "lightning", tmp_path / "model")
+    found = launch(tmp_path, mode, tmp_path / "model")
     assert found["step2_identical"] and found["resumed_identical"], found
     assert found["resume_changed_columns"], found
     assert found["merged_identical"] and found["adapter_columns_identical"], found

@@ -140,7 +140,7 @@ def memory(out: Path, checkpoint: str, sharded: bool, quantize=None) -> dict:
     return {"ranks": everyone}
 
 
-def lightning(out: Path, checkpoint: str) -> dict:
+def lightning(out: Path, checkpoint: str, quantize=None) -> dict:
     """PaCAFineTuneModule under PaCAModelParallelStrategy: named by its folder (built on meta,
     shards filled from disk) or given as the loaded model (today's path); 2 steps, a checkpoint,
     a resume to step 4, the fit-end adapter and merged exports."""
@@ -154,7 +154,7 @@ def lightning(out: Path, checkpoint: str) -> dict:
     from paca_lightning.training import PaCAFineTuneModule, PaCAModelParallelStrategy, paca_callbacks
 
     warnings.filterwarnings("ignore")
-    config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", selection="weight_norm")
+    config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", selection="weight_norm", quantize=quantize)
     ids = torch.randint(0, 128, (4, LENGTH), generator=torch.Generator().manual_seed(3))
     samples = [{"input_ids": row, "labels": row.clone()} for row in ids]
 
@@ -198,9 +198,9 @@ def lightning(out: Path, checkpoint: str) -> dict:
 
 
 def main(out: Path, mode: str, checkpoint: str) -> None:
-    if mode == "lightning":  # Lightning sets up the process group itself
+    if mode.startswith("lightning"):  # lightning[-nf4]; Lightning sets up the process group itself
         torch.set_num_threads(1)
-        found = lightning(out, checkpoint)
+        found = lightning(out, checkpoint, quantize=mode.partition("-")[2] or None)
         finish_worker(out, {"world_size": dist.get_world_size(), **found})
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
