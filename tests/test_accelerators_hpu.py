@@ -390,3 +390,20 @@ def test_throughput_monitor_waits_for_the_run_device_before_each_clock_reading(g
                                              callbacks=[monitor], log_every_n_steps=1)
     assert waited and all(device == trainer.strategy.root_device for device in waited)
     assert len(waited) >= 1 + 4 + 1 + 2  # train start, 4 train batches, validation start, 2 val batches
+
+
+def test_paca_fsdp2_on_gaudi_is_accepted_and_takes_the_sharded_loading_path(gaudi, tmp_path):
+    from paca_lightning import PaCAConfig
+    from paca_lightning.training import PaCAFineTuneModule, PaCAHPUFSDPStrategy, PaCAModelParallelStrategy
+
+    chosen = PaCAHPUFSDPStrategy(activation_checkpointing=True)
+    trainer = Trainer(accelerator="hpu", devices=4, strategy=chosen, **QUIET)
+    assert trainer.strategy is chosen and chosen.process_group_backend == "hccl"
+    assert isinstance(chosen, PaCAModelParallelStrategy) and chosen.loads_pretrained_shards
+    assert chosen.parallel_devices == [torch.device("hpu")] * 4
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)  # a local folder
+    module = PaCAFineTuneModule(str(tmp_path), paca=PaCAConfig(rank=4, quantize="nf4"))
+    module._trainer = trainer
+    assert module._sharded_loading_source() == tmp_path

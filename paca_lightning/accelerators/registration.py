@@ -39,7 +39,7 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _Accelera
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .hpu import HPUAccelerator, hpu_precision_plugin
-from .strategies import HPUDDPStrategy, HPUFSDPStrategy, SingleHPUStrategy
+from .strategies import HPUDDPStrategy, HPUExecutionMode, HPUFSDPStrategy, SingleHPUStrategy
 
 # Lightning versions whose private _AcceleratorConnector methods the wrappers below were written for.
 CONNECTOR_VERSIONS = ("2.6.",)
@@ -83,7 +83,8 @@ def _register(registry: dict, name: str, cls: type, kind: str) -> None:
 
 
 def _is_hpu_strategy(strategy: Any) -> bool:
-    return isinstance(strategy, HPU_STRATEGIES) or strategy in HPU_STRATEGY_NAMES
+    # every strategy built on the HPU execution mode, e.g. paca_lightning.training.PaCAHPUFSDPStrategy
+    return isinstance(strategy, HPUExecutionMode) or strategy in HPU_STRATEGY_NAMES
 
 
 def _describe(strategy: Any) -> str:
@@ -127,7 +128,8 @@ def _extend_connector() -> None:
                 f"strategy={_describe(self._strategy_flag)} does not run on accelerator='hpu'. Use "
                 "'auto' (one card: 'hpu_single', several: 'hpu_ddp'), 'hpu_ddp' (DDP over HCCL) or "
                 "'hpu_fsdp' (FSDP2 over HCCL), or an instance of SingleHPUStrategy, HPUDDPStrategy or "
-                "HPUFSDPStrategy from paca_lightning.accelerators."
+                "HPUFSDPStrategy from paca_lightning.accelerators, or PaCAHPUFSDPStrategy from "
+                "paca_lightning.training (FSDP2 for PaCA models, with sharded loading)."
             )
         if not on_hpu and _is_hpu_strategy(self._strategy_flag):
             raise MisconfigurationException(

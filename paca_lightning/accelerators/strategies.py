@@ -9,7 +9,9 @@
 The first two are picked by ``strategy="auto"`` (see ``registration.py``); FSDP2 is asked for by
 name, as ``ModelParallelStrategy`` is on GPUs: the model is sharded in
 ``LightningModule.configure_model`` (e.g. ``paca_lightning.parallel.shard_paca_model`` with
-``self.device_mesh["data_parallel"]``).
+``self.device_mesh["data_parallel"]``). For `PaCAFineTuneModule` and `paca_callbacks`,
+``paca_lightning.training.PaCAHPUFSDPStrategy`` shards PaCA models itself and loads a local
+model folder shard by shard, as ``PaCAModelParallelStrategy`` does on GPUs.
 
 Execution modes. Intel's bridge runs eagerly by default (``PT_HPU_LAZY_MODE=0``) and then
 supports ``trainer.fit(torch.compile(module, backend="hpu_backend"))`` with the single-card and
@@ -35,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from . import runtime
 
 
-class _HPUExecutionMode:
+class HPUExecutionMode:
     """Lazy-mode graph boundaries and the eager-only ``torch.compile`` check, for every HPU strategy."""
 
     _lazy_mode = False
@@ -83,7 +85,7 @@ class _HPUExecutionMode:
             runtime.mark_step()
 
 
-def _init_hccl_process_group(strategy: Union[DDPStrategy, ModelParallelStrategy]) -> None:
+def init_hccl_process_group(strategy: Union[DDPStrategy, ModelParallelStrategy]) -> None:
     """Join the job's process group over HCCL.
 
     Lightning's own setup passes ``device_id=root_device`` to ``init_process_group``, which torch
@@ -97,7 +99,7 @@ def _init_hccl_process_group(strategy: Union[DDPStrategy, ModelParallelStrategy]
     _init_dist_connection(strategy.cluster_environment, strategy._process_group_backend, timeout=strategy._timeout)
 
 
-class SingleHPUStrategy(_HPUExecutionMode, SingleDeviceStrategy):
+class SingleHPUStrategy(HPUExecutionMode, SingleDeviceStrategy):
     """Training on one Gaudi card (``Trainer(accelerator="hpu", devices=1)``)."""
 
     strategy_name = "hpu_single"
@@ -106,7 +108,7 @@ class SingleHPUStrategy(_HPUExecutionMode, SingleDeviceStrategy):
         super().__init__(device=device, **kwargs)
 
 
-class HPUDDPStrategy(_HPUExecutionMode, DDPStrategy):
+class HPUDDPStrategy(HPUExecutionMode, DDPStrategy):
     """Data-parallel training, one process per Gaudi card, gradients all-reduced over HCCL.
 
     Launch is Lightning's: ``devices=N`` starts N-1 more processes of the same script on this node
@@ -124,10 +126,10 @@ class HPUDDPStrategy(_HPUExecutionMode, DDPStrategy):
         return None
 
     def setup_distributed(self) -> None:
-        _init_hccl_process_group(self)
+        init_hccl_process_group(self)
 
 
-class HPUFSDPStrategy(_HPUExecutionMode, ModelParallelStrategy):
+class HPUFSDPStrategy(HPUExecutionMode, ModelParallelStrategy):
     """FSDP2 (``fully_shard``) across Gaudi cards over HCCL: Lightning's ``ModelParallelStrategy`` on HPU.
 
     Args:
@@ -171,4 +173,4 @@ class HPUFSDPStrategy(_HPUExecutionMode, ModelParallelStrategy):
         super().setup_environment()
 
     def _setup_distributed(self) -> None:
-        _init_hccl_process_group(self)
+        init_hccl_process_group(self)

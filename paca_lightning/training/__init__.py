@@ -12,10 +12,10 @@ from .lora import LORA_ADAPTER_DIRNAME, LoRACallback, LoRASettings
 from .module import PaCAFineTuneModule
 from .progress import StepProgressBar, TrainingProgress
 from .seeding import BatchSeeding
-from .strategies import PaCAFSDPStrategy, PaCAModelParallelStrategy
+from .strategies import PaCAFSDPStrategy, PaCAHPUFSDPStrategy, PaCAModelParallelStrategy
 
 __all__ = ["PaCAFineTuneModule", "PaCACallback", "paca_callbacks", "adapt_for_training", "log_trainable_report",
            "PaCACheckpointing", "AtomicCheckpointIO", "StopSignalCheckpoint", "BatchSeeding", "NonFiniteLossGuard",
            "NonFiniteLossError", "TrainingProgress", "StepProgressBar", "FitEndExport", "save_merged",
            "ADAPTER_DIRNAME", "MERGED_DIRNAME", "LoRASettings", "LoRACallback", "LORA_ADAPTER_DIRNAME",
-           "PaCAModelParallelStrategy", "PaCAFSDPStrategy"]
+           "PaCAModelParallelStrategy", "PaCAHPUFSDPStrategy", "PaCAFSDPStrategy"]

@@ -1,4 +1,5 @@
-"""Lightning strategies for PaCA: FSDP2 (`PaCAModelParallelStrategy`) and FSDP1 (`PaCAFSDPStrategy`).
+"""Lightning strategies for PaCA: FSDP2 (`PaCAModelParallelStrategy`, on Gaudi `PaCAHPUFSDPStrategy`) and
+FSDP1 (`PaCAFSDPStrategy`).
 
 Both apply the plain-torch policies of `paca_lightning.parallel` to every PaCA model inside the
 LightningModule after ``configure_model`` has built and adapted it. Their checkpoint loaders
@@ -18,6 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..accelerators.strategies import HPUExecutionMode, init_hccl_process_group
 from ..parallel import (
     attach_column_sync,
     decoder_layers,
@@ -127,6 +129,24 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
         checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         checkpoint["state_dict"] = model_state  # what was loaded, for on_load_checkpoint hooks to check
         return checkpoint
+
+
+class PaCAHPUFSDPStrategy(HPUExecutionMode, PaCAModelParallelStrategy):
+    """`PaCAModelParallelStrategy` on Intel Gaudi cards over HCCL: FSDP2 sharding of PaCA models,
+    column sync after each step, adapter-only checkpoints, and sharded loading of a local model
+    folder (`paca_lightning.parallel.loading`), with the HPU lazy-mode graph boundaries of the
+    other HPU strategies. ``Trainer(accelerator="hpu", devices=8, strategy=PaCAHPUFSDPStrategy())``.
+    Written against Intel's PyTorch bridge; not run on Gaudi hardware here (see docs/hpu-and-docker.md).
+    Args are `PaCAModelParallelStrategy`'s; ``process_group_backend`` is HCCL.
+    """
+
+    strategy_name = "paca_hpu_fsdp"
+
+    def __init__(self, *, process_group_backend: str = "hccl", **kwargs: Any) -> None:
+        super().__init__(process_group_backend=process_group_backend, **kwargs)
+
+    def _setup_distributed(self) -> None:
+        init_hccl_process_group(self)
 
 
 class PaCAFSDPStrategy(FSDPStrategy):
