@@ -218,3 +218,16 @@ def test_fused_expert_weights_are_refused_by_sharded_loading_rather_than_left_un
         model = MixtralForCausalLM(config)
     with pytest.raises(NotImplementedError, match=r"does not fill fused MoE expert weights .*exclude_modules"):
         apply_paca_on_meta(model, PaCAConfig(rank=4, target_modules="all-linear"))
+
+
+@pytest.mark.slow
+def test_the_loading_benchmark_fills_identical_shards_by_streaming_and_by_per_rank_slices(tmp_path, capsys):
+    from paca_lightning.bench import sharded_loading
+
+    save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    assert sharded_loading.main([str(tmp_path / "model"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["identical_shards"] is True
+    assert len(result["stream"]) == len(result["slices"]) == 2
+    assert all(entry["seconds"] > 0 for way in ("stream", "slices") for entry in result[way])
