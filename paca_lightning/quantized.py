@@ -329,6 +329,7 @@ class QuantizedPaCALinear(PaCALayer):
         else:
             self.int8_row_scales = _int8_row_scales(base)
             packed = base.weight.data
+        self.quant_type = "int8" if kind == "8bit" else self.quant_state.quant_type
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = base.bias
         device = self.weight.device
@@ -355,9 +356,13 @@ class QuantizedPaCALinear(PaCALayer):
         (``_extra_state``), the pretrained columns and ``paca_weight`` from one rank's real layer.
         The constructor needs the quantized weight itself, so this builds the same attributes
         from the shapes alone."""
+        if quantize not in ("nf4", "fp4", "int8"):
+            raise ValueError(f"QuantizedPaCALinear.awaiting_weights: quantize={quantize!r} is not valid; "
+                             "choose 'nf4', 'fp4' or 'int8'")
         bnb = import_bitsandbytes(f"PaCAConfig.quantize={quantize!r}")
         layer = cls.__new__(cls)
         PaCALayer.__init__(layer)
+        layer.quant_type = quantize  # known before any state is: printing the meta model needs it
         dtype, has_bias = linear.weight.dtype, linear.bias is not None
         elements = linear.in_features * linear.out_features
         if quantize == "int8":
@@ -392,7 +397,7 @@ class QuantizedPaCALinear(PaCALayer):
     @property
     def quantization(self) -> str:
         """The base's format as `PaCAConfig.quantize` names it: nf4, fp4 or int8."""
-        return "int8" if self.kind == "8bit" else self.quant_state.quant_type
+        return self.quant_type
 
     def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
         """Autocast's dtype when active, else the 4-bit layer's ``compute_dtype``, else x's dtype."""
@@ -521,6 +526,11 @@ class QuantizedPaCALinear(PaCALayer):
         PyTorch and its distributed checkpoints keep for non-parameter state, serialized into one
         uint8 tensor so that every consumer of a state dict (safetensors, ``save_pretrained``,
         distributed checkpoints) sees a plain tensor."""
+        awaiting = self.quant_state is None if self.kind == "4bit" else self.int8_row_scales.is_meta
+        if awaiting:
+            raise ValueError(f"this {self.quant_type} QuantizedPaCALinear is awaiting its weights (built on the "
+                             "meta device by QuantizedPaCALinear.awaiting_weights) and has no quantization state "
+                             "to save yet; fill it first (paca_lightning.parallel.load_pretrained_shards)")
         if self.kind == "4bit":
             state = self.quant_state.as_dict(packed=True)
         else:
@@ -530,22 +540,39 @@ class QuantizedPaCALinear(PaCALayer):
         return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        if not isinstance(state, torch.Tensor):
+        if _is_distributed_placeholder(state):
             # torch's set_model_state_dict(broadcast_from_rank0=True) hands every module with
-            # extra state a placeholder when the state dict it broadcasts (here: one safetensors
+            # extra state this placeholder when the state dict it broadcasts (here: one safetensors
             # file's layers) does not hold that module's state; its state arrives with its file
             return
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"QuantizedPaCALinear's extra state is the uint8 tensor get_extra_state returns, "
+                            f"got {type(state).__module__}.{type(state).__name__}")
         tensors = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), weights_only=True)
         device = self.weight.device
         if self.kind == "4bit":
             from bitsandbytes.functional import QuantState
-            self.quant_state = QuantState.from_dict(tensors, device=device)
+            loaded = QuantState.from_dict(tensors, device=device)
+            if loaded.quant_type != self.quant_type:
+                raise ValueError(f"the quantization state loaded into this {self.quant_type} QuantizedPaCALinear is "
+                                 f"{loaded.quant_type}; load a state dict saved from a {self.quant_type} model")
+            self.quant_state = loaded
         else:
             self.int8_row_scales = tensors["SCB"].to(device=device, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         return (f"{self.quantization}(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}), rank={self.rank}, scaling={self.scaling:g}")
+
+
+def _is_distributed_placeholder(state) -> bool:
+    """Whether ``state`` is the object torch.distributed.checkpoint passes to ``set_extra_state``
+    for a module whose extra state its state dict does not hold (a private class of torch 2.x)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _EXTRA_STATE
+    except ImportError:  # torch without distributed support: no such loader either
+        return False
+    return isinstance(state, _EXTRA_STATE)
 
 
 def plain_conv1d_names(model: nn.Module) -> set[str]:

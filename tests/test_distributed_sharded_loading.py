@@ -166,6 +166,39 @@ def test_a_qpaca_layer_awaiting_its_weights_has_the_real_layers_shapes_and_state
     assert _tensor_keys(meta) | {k for k in real.state_dict() if k.endswith("_extra_state")} == set(real.state_dict())
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_qpaca_model_awaiting_its_weights_prints_and_refuses_to_save_a_state_it_does_not_have(tmp_path, quantize):
+    pytest.importorskip("bitsandbytes")
+    save_llama(tmp_path, "10MB", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    meta = apply_paca_on_meta(build_on_meta(tmp_path), PaCAConfig(rank=4, target_modules="all-linear",
+                                                                  quantize=quantize))
+    layer = meta.model.layers[0].mlp.down_proj
+    assert f"{quantize}(in_features=48, out_features=32" in repr(meta)  # printing a meta-built model works
+    assert layer.quantization == quantize
+    with pytest.raises(ValueError, match=f"this {quantize} QuantizedPaCALinear is awaiting its weights"):
+        layer.get_extra_state()
+
+
+def test_qpaca_extra_state_ignores_only_torchs_placeholder_and_refuses_a_state_of_another_format():
+    pytest.importorskip("bitsandbytes")
+    from torch.distributed.checkpoint.state_dict import _EXTRA_STATE
+
+    from paca_lightning.quantized import QuantizedPaCALinear, quantize_linear
+
+    torch.manual_seed(0)
+    nf4, fp4 = (QuantizedPaCALinear(quantize_linear(torch.nn.Linear(64, 32), kind), torch.arange(4), 2.0)
+                for kind in ("nf4", "fp4"))
+    saved = nf4.get_extra_state()
+    # what set_model_state_dict(broadcast_from_rank0=True) passes for a layer of another file
+    nf4.set_extra_state(_EXTRA_STATE())
+    assert torch.equal(nf4.get_extra_state(), saved)
+    with pytest.raises(TypeError, match="the uint8 tensor get_extra_state returns, got builtins.dict"):
+        nf4.set_extra_state({"absmax": torch.zeros(1)})
+    with pytest.raises(ValueError, match="loaded into this nf4 QuantizedPaCALinear is fp4"):
+        nf4.set_extra_state(fp4.get_extra_state())
+
+
 def test_module_under_a_sharded_loading_strategy_builds_a_local_folder_on_meta_and_says_when_it_cannot(
         tmp_path, caplog):
     from types import SimpleNamespace
