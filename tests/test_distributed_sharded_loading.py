@@ -41,12 +41,16 @@ def test_sharded_loading_trains_bit_identically_to_loading_the_whole_model(tmp_p
                num_attention_heads=4, num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tied)
     assert len(list((tmp_path / "model").glob("*.safetensors"))) > 2
     found = launch(tmp_path, "exact", tmp_path / "model")
-    for run in ("random", "weight_norm", "random_nf4", "weight_norm_nf4"):
+    for run in ("random", "weight_norm", "random_nf4", "weight_norm_nf4", "weight_norm_fp4", "weight_norm_int8"):
         result = found[run]
         assert result["indices_identical"], (run, result)
         assert result["columns_identical"], (run, result)
         assert result["merged_identical"], (run, result)
         assert result["merged_tensors"] > 0 and result["columns_tensors"] > 0
+        # QPaCA: every rank's rows of the packed bytes, its quantization state and pretrained
+        # columns of all 14 adapted layers (3 tensors each) equal the whole-load path's
+        assert result["quantized_identical"], (run, result)
+        assert result["quantized_tensors"] == (0 if run in ("random", "weight_norm") else 42), (run, result)
         # fit-end merged export under FSDP2: one file per decoder layer (2) and one for the rest
         assert found[f"{run}_export"] == {"identical": True, "files": 3}, found
 

@@ -1,10 +1,12 @@
 """Launched by tests/test_distributed_sharded_loading.py as
 ``torchrun --nproc-per-node 2 sharded_loading_worker.py OUT_DIR MODE CHECKPOINT``.
 
-MODE ``exact``: for ``random`` and ``weight_norm`` selection, dense and nf4 (QPaCA), today's path (every rank loads the
-whole model, then FSDP2 shards it) and the sharded path (`sharded_paca_model`: meta build,
-shard, fill from the safetensors files) train 3 AdamW steps on the same batches; rank 0 reports
-whether trained columns, merged weights and chosen columns are bit-identical.
+MODE ``exact``: for ``random`` and ``weight_norm`` selection, dense and nf4 (QPaCA; fp4 and int8
+with ``weight_norm``), today's path (every rank loads the whole model, then FSDP2 shards it) and
+the sharded path (`sharded_paca_model`: meta build, shard, fill from the safetensors files) train
+3 AdamW steps on the same batches; rank 0 reports whether trained columns, merged weights, chosen
+columns and (QPaCA) every rank's packed bytes, quantization state and pretrained columns are
+bit-identical.
 
 MODE ``memory-full`` / ``memory-sharded`` (``-nf4`` appended: QPaCA): each rank's peak resident
 memory (the kernel's VmHWM) after start-up, after the model is ready, and after 2 training
@@ -30,6 +32,7 @@ from paca_lightning.parallel import (
     shard_paca_model,
 )
 from paca_lightning.parallel.loading import sharded_paca_model
+from paca_lightning.quantized import QuantizedPaCALinear
 
 STEPS, PER_RANK, LENGTH = 3, 2, 16
 
@@ -62,20 +65,37 @@ def train(model, steps: int, vocab: int) -> None:
 
 
 def outcome(model) -> tuple:
-    """Collective: (columns, merged weights, chosen columns) on rank 0, None elsewhere."""
+    """Collective: (columns, merged weights, chosen columns) on rank 0, None elsewhere, and on
+    every rank its own QPaCA state: its rows of the packed bytes, the quantization state and the
+    pretrained columns of each QPaCA layer."""
     tensors, _ = gather_adapter_state(model)
     merged = merged_state_dict(model)
     indices = {name: layer.paca_indices.clone() for name, layer in paca_layers(model)}
-    return (tensors, merged, indices) if dist.get_rank() == 0 else None
+    quantized = {}
+    for name, layer in paca_layers(model):
+        if isinstance(layer, QuantizedPaCALinear):
+            quantized[f"{name}.weight"] = layer.weight.to_local().clone()
+            quantized[f"{name}._extra_state"] = layer.get_extra_state()
+            quantized[f"{name}.paca_base_columns"] = layer.paca_base_columns.clone()
+    return ((tensors, merged, indices) if dist.get_rank() == 0 else None), quantized
 
 
 def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def on_every_rank(flag: bool) -> bool:
+    """Collective: whether ``flag`` holds on every rank."""
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return all(flags)
+
+
 def exact(checkpoint: str) -> dict:
     found = {}
-    for selection, quantize in (("random", None), ("weight_norm", None), ("random", "nf4"), ("weight_norm", "nf4")):
+    runs_to_compare = (("random", None), ("weight_norm", None), ("random", "nf4"), ("weight_norm", "nf4"),
+                       ("weight_norm", "fp4"), ("weight_norm", "int8"))
+    for selection, quantize in runs_to_compare:
         config = PaCAConfig(rank=4, alpha=8, target_modules="all-linear", bias="none", selection=selection,
                             quantize=quantize)
         run = selection if quantize is None else f"{selection}_{quantize}"
@@ -85,18 +105,21 @@ def exact(checkpoint: str) -> dict:
             vocab = model.config.vocab_size
             train(model, STEPS, vocab)
             runs.append(outcome(model))
+        (rank0_a, quantized_a), (rank0_b, quantized_b) = runs
+        quantized_identical = on_every_rank(identical(quantized_a, quantized_b))
         # the merged export, written one decoder layer at a time, loads as the merged weights
         export = Path(checkpoint).parent / f"export_{run}"
         export_merged(model, export)
         if dist.get_rank() == 0:
             files = len(list(export.glob("*.safetensors")))
             exported = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).state_dict()
-            found[f"{run}_export"] = {"identical": identical(exported, runs[-1][1]), "files": files}
+            found[f"{run}_export"] = {"identical": identical(exported, rank0_b[1]), "files": files}
         if dist.get_rank() == 0:
-            (cols_a, merged_a, idx_a), (cols_b, merged_b, idx_b) = runs
+            (cols_a, merged_a, idx_a), (cols_b, merged_b, idx_b) = rank0_a, rank0_b
             found[run] = {"columns_identical": identical(cols_a, cols_b),
                                 "merged_identical": identical(merged_a, merged_b),
                                 "indices_identical": identical(idx_a, idx_b),
+                                "quantized_identical": quantized_identical, "quantized_tensors": len(quantized_a),
                                 "merged_tensors": len(merged_a), "columns_tensors": len(cols_a),
                                 "columns_changed": any(not torch.equal(idx_a[k], torch.arange(len(idx_a[k])))
                                                        for k in idx_a)}
