@@ -258,13 +258,17 @@ def test_fused_expert_weights_are_refused_by_sharded_loading_rather_than_left_un
 
 
 @pytest.mark.slow
-def test_the_loading_benchmark_fills_identical_shards_by_streaming_and_by_per_rank_slices(tmp_path, capsys):
+@pytest.mark.parametrize("selection", ["random", "weight_norm"])
+def test_the_loading_benchmark_fills_identical_shards_by_streaming_and_by_per_rank_slices(tmp_path, capsys,
+                                                                                         selection):
     from paca_lightning.bench import sharded_loading
 
     save_llama(tmp_path / "model", "40KB", hidden_size=64, intermediate_size=99, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    assert sharded_loading.main([str(tmp_path / "model"), "--json"]) == 0
+    assert sharded_loading.main([str(tmp_path / "model"), "--selection", selection, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["identical_shards"] is True
+    # weight_norm: column norms summed over the ranks' rows chose the same columns on this model
+    assert result["identical_shards"] is True and result["selection"] == selection
     assert len(result["stream"]) == len(result["slices"]) == 2
-    assert all(entry["seconds"] > 0 for way in ("stream", "slices") for entry in result[way])
+    assert all(entry["seconds"] > 0 and entry["rss_anon_growth_bytes"] > 0
+               for way in ("stream", "slices") for entry in result[way])

@@ -7,13 +7,17 @@
   from the full weight on rank 0.
 - ``slices``: every rank reads only its own rows of each tensor (``safe_open().get_slice``);
   PaCA's pretrained columns (kept whole on every rank) are then all-gathered from the ranks'
-  rows. Dense PaCA with ``random`` columns only: ``weight_norm`` would need an all-reduce of
-  column norms first, QPaCA's packed bytes are not row slices of the weight, and a GPT-2 Conv1D
-  shard is a strided column read; none of that is measured here.
+  rows; with ``--selection weight_norm`` the column norms come first from an all-reduce of each
+  rank's per-column sums of squares. Dense PaCA only: QPaCA's packed bytes are not row slices of
+  the weight, and a GPT-2 Conv1D shard is a strided column read; neither is measured here.
 
 Each way runs in its own 2-process gloo job (so each peak is its own), after a warm-up load;
-the job reports each rank's wall time and growth of peak resident memory (``VmHWM``). Both ways
-must produce bit-identical shards, which the run checks. Prints both and their ratios.
+the job reports each rank's wall time, growth of peak resident memory (``VmHWM``) and growth of
+the highest anonymous resident memory (``RssAnon``) a thread sampled every millisecond: VmHWM also
+counts the pages of the mmap'ed safetensors files a rank touched (page cache, shared and
+reclaimable), which the two ways touch differently, and the kernel keeps no peak of the anonymous
+part alone. The run checks whether both ways produce bit-identical shards. Prints both and their
+ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +45,45 @@ def _vm_hwm() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+class _AnonymousPeak:
+    """The highest ``RssAnon`` seen while the block runs, sampled every millisecond (a lower bound)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _status_bytes("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_bytes("RssAnon"))
+
+
+def _chosen_columns(name, layer, rows, config) -> torch.Tensor:
+    """The columns, from this rank's rows: ``weight_norm`` needs every rank's part of each norm."""
+    import torch.distributed as dist
+
+    from ..selection import random_columns, top_columns
+
+    if config.selection != "weight_norm":
+        return random_columns(layer.in_features, layer.rank, config.seed, name)
+    squares = rows.float().square().sum(0)
+    dist.all_reduce(squares)
+    return top_columns(squares.sqrt(), layer.rank)
+
+
 def _load_by_slices(model, checkpoint: Path, config) -> None:
     import torch.distributed as dist
     from safetensors import safe_open
@@ -47,17 +91,13 @@ def _load_by_slices(model, checkpoint: Path, config) -> None:
 
     from ..model import paca_layers, sync_paca_columns
     from ..parallel.loading import _restore_non_persistent_buffers, safetensors_files
-    from ..selection import random_columns
-
     rank, world = dist.get_rank(), dist.get_world_size()
     non_persistent = [f"{owner}.{buffer}" if owner else buffer for owner, module in model.named_modules()
                       for buffer in module._non_persistent_buffers_set]
     model.to_empty(device="cpu")
     _restore_non_persistent_buffers(model, non_persistent)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    layers = {f"{name}.weight": layer for name, layer in paca_layers(model)}
-    for name, layer in paca_layers(model):  # emptied by to_empty: the seeded draw of apply_paca_on_meta
-        layer.paca_indices.copy_(random_columns(layer.in_features, layer.rank, config.seed, name))
+    layers = {f"{name}.weight": (name, layer) for name, layer in paca_layers(model)}
     with torch.no_grad():
         for path in safetensors_files(checkpoint):
             with safe_open(path, "pt") as handle:
@@ -70,8 +110,9 @@ def _load_by_slices(model, checkpoint: Path, config) -> None:
                     else:
                         local, rows = target, handle.get_tensor(key)
                     local.copy_(rows)
-                    layer = layers.get(key)
-                    if layer is not None:
+                    if key in layers:
+                        name, layer = layers[key]  # its indices were emptied by to_empty
+                        layer.paca_indices.copy_(_chosen_columns(name, layer, rows, config))
                         mine = rows.index_select(1, layer.paca_indices.cpu()).float()
                         gathered = [None] * world
                         dist.all_gather_object(gathered, mine)
@@ -80,7 +121,7 @@ def _load_by_slices(model, checkpoint: Path, config) -> None:
     sync_paca_columns(model)  # as the streaming path does: s * P written into W
 
 
-def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path) -> None:
+def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path, selection: str) -> None:
     import torch.distributed as dist
 
     from ..config import PaCAConfig
@@ -89,7 +130,7 @@ def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path) -> None:
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    config = PaCAConfig(rank=RANK, alpha=ALPHA, target_modules="all-linear")
+    config = PaCAConfig(rank=RANK, alpha=ALPHA, target_modules="all-linear", selection=selection)
 
     def load(folder: Path):
         model = shard_paca_model(apply_paca_on_meta(build_on_meta(folder), config))
@@ -101,13 +142,17 @@ def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path) -> None:
 
     load(warm_up)  # the code paths' own pages count before the measurement
     dist.barrier()
-    start_memory, start = _vm_hwm(), time.perf_counter()
-    model = load(checkpoint)
-    seconds, grown = time.perf_counter() - start, _vm_hwm() - start_memory
+    start_memory, start_anonymous = _vm_hwm(), _status_bytes("RssAnon")
+    with _AnonymousPeak() as anonymous:
+        start = time.perf_counter()
+        model = load(checkpoint)
+        seconds = time.perf_counter() - start
+    grown = _vm_hwm() - start_memory
     shards = {name: (t.to_local() if hasattr(t, "to_local") else t).clone() for name, t in model.state_dict().items()}
     torch.save(shards, out / f"{way}_rank{dist.get_rank()}.pt")
     found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, {"seconds": seconds, "vm_hwm_growth_bytes": grown})
+    dist.all_gather_object(found, {"seconds": seconds, "vm_hwm_growth_bytes": grown,
+                                   "rss_anon_growth_bytes": anonymous.peak - start_anonymous})
     if dist.get_rank() == 0:
         (out / f"{way}.json").write_text(json.dumps(found))
     dist.barrier()
@@ -115,10 +160,10 @@ def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path) -> None:
     os._exit(0)  # gloo teardown can abort in a destructor after the work is done
 
 
-def _launch(way: str, checkpoint: Path, warm_up: Path, out: Path) -> list[dict]:
+def _launch(way: str, checkpoint: Path, warm_up: Path, out: Path, selection: str) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
                "--rdzv-endpoint=localhost:0", "-m", "paca_lightning.bench.sharded_loading", "--worker", way,
-               str(checkpoint), "--warm-up", str(warm_up), "--out", str(out)]
+               str(checkpoint), "--warm-up", str(warm_up), "--out", str(out), "--selection", selection]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -134,30 +179,34 @@ def _save_warm_up(checkpoint: Path, folder: Path) -> None:
     AutoModelForCausalLM.from_config(small).save_pretrained(folder)
 
 
-def compare(checkpoint: Path) -> dict:
+def compare(checkpoint: Path, selection: str = "random") -> dict:
     with tempfile.TemporaryDirectory(prefix="paca-sharded-loading-") as scratch:
         out = Path(scratch)
         _save_warm_up(checkpoint, out / "warm_up")
-        ways = {way: _launch(way, checkpoint, out / "warm_up", out) for way in ("stream", "slices")}
+        ways = {way: _launch(way, checkpoint, out / "warm_up", out, selection) for way in ("stream", "slices")}
         identical = all(
             all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
             for a, b in ((torch.load(out / f"stream_rank{r}.pt"), torch.load(out / f"slices_rank{r}.pt"))
                          for r in range(2)))
     ratios = [{"seconds": s["seconds"] / g["seconds"],
-               "vm_hwm_growth": s["vm_hwm_growth_bytes"] / g["vm_hwm_growth_bytes"]}
+               "vm_hwm_growth": s["vm_hwm_growth_bytes"] / g["vm_hwm_growth_bytes"],
+               "rss_anon_growth": s["rss_anon_growth_bytes"] / max(g["rss_anon_growth_bytes"], 1)}
               for s, g in zip(ways["slices"], ways["stream"])]
-    return {"checkpoint": str(checkpoint), "identical_shards": identical, **ways, "slices_over_stream": ratios}
+    return {"checkpoint": str(checkpoint), "selection": selection, "identical_shards": identical, **ways,
+            "slices_over_stream": ratios}
 
 
 def format_result(result: dict) -> str:
-    rows = [f"{result['checkpoint']}: shards identical between the two ways: {result['identical_shards']}",
-            f"{'way':<7} {'rank':>4} {'seconds':>8} {'VmHWM growth MiB':>17}"]
+    rows = [f"{result['checkpoint']} (selection={result['selection']}): shards identical between the two ways: "
+            f"{result['identical_shards']}",
+            f"{'way':<7} {'rank':>4} {'seconds':>8} {'VmHWM growth MiB':>17} {'RssAnon growth MiB':>19}"]
     for way in ("stream", "slices"):
         for rank, entry in enumerate(result[way]):
-            rows.append(f"{way:<7} {rank:>4} {entry['seconds']:>8.2f} {entry['vm_hwm_growth_bytes'] / 2**20:>17.1f}")
+            rows.append(f"{way:<7} {rank:>4} {entry['seconds']:>8.2f} {entry['vm_hwm_growth_bytes'] / 2**20:>17.1f} "
+                        f"{entry['rss_anon_growth_bytes'] / 2**20:>19.1f}")
     for rank, ratio in enumerate(result["slices_over_stream"]):
         rows.append(f"slices / stream, rank {rank}: time {ratio['seconds']:.2f}, peak memory growth "
-                    f"{ratio['vm_hwm_growth']:.2f}")
+                    f"{ratio['vm_hwm_growth']:.2f}, sampled anonymous peak growth {ratio['rss_anon_growth']:.2f}")
     return "\n".join(rows)
 
 
@@ -168,11 +217,13 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", choices=("stream", "slices"), help=argparse.SUPPRESS)
     parser.add_argument("--warm-up", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--selection", choices=("random", "weight_norm"), default="random",
+                        help="how PaCA chooses its columns (weight_norm: the slices way all-reduces column norms)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.checkpoint, args.warm_up, args.out)
-    result = compare(args.checkpoint)
+        _worker(args.worker, args.checkpoint, args.warm_up, args.out, args.selection)
+    result = compare(args.checkpoint, args.selection)
     print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 

@@ -26,12 +26,18 @@ CPU), and sends its packed bytes (sharded like any parameter), its quantization 
 layer's ``_extra_state``, whole on every rank), pretrained columns and ``paca_weight``. No rank
 ever holds the 16-bit model: rank 0 holds one 16-bit weight at a time.
 
-Why rank 0 streams rather than every rank reading its own slices (``safe_open().get_slice``):
-PaCA needs whole input columns of each weight (``W[:, S]`` and the column norms), which a
-row shard does not hold, and a GPT-2 Conv1D shard (dim 1) is a strided read touching every page
-of the tensor; one reader that sees each full tensor once gives them without extra collectives.
-QPaCA's packed bytes, too, shard along the flattened weight, not along its rows, and the
-quantization blocks (64 values) are computed from whole rows of the full weight.
+Why rank 0 streams rather than every rank reading its own rows (``safe_open().get_slice``),
+measured by `paca_lightning.bench.sharded_loading` (figures in docs/multi-gpu-memory.md): for
+dense Linear layers row reads work (a rank's rows of ``W`` are its rows of ``W[:, S]``; the
+``weight_norm`` column norms need an all-reduce of per-column sums of squares, the whole
+``paca_base_columns`` buffer an all-gather) and loaded in 0.5-0.6x the time on 2 CPU processes,
+with the same anonymous memory per rank. They are not used because they cover only that case:
+QPaCA's packed bytes are not row slices of the 16-bit tensor, and bitsandbytes' double
+quantization offsets every block's scale by the mean of all block maxima of the whole weight, so
+only the whole weight gives the bytes a single process quantizes; norms summed in another order
+are not bit for bit ``torch.norm`` of the whole column, so ``weight_norm`` could choose another
+column at a near tie; and a GPT-2 Conv1D shard (dim 1) is a strided read of every row. One reader
+that sees each full tensor is bit-identical to a single process by construction.
 
 Not covered: ``selection="gradient"`` (needs a calibration pass on the loaded model), models
 already quantized on disk (a bitsandbytes checkpoint), and model types whose checkpoint
