@@ -39,10 +39,7 @@ RANK, ALPHA = 8, 16.0
 
 
 def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    return _status_bytes("VmHWM")
 
 
 def _status_bytes(field: str) -> int:
@@ -91,6 +88,7 @@ def _load_by_slices(model, checkpoint: Path, config) -> None:
 
     from ..model import paca_layers, sync_paca_columns
     from ..parallel.loading import _restore_non_persistent_buffers, safetensors_files
+
     rank, world = dist.get_rank(), dist.get_world_size()
     non_persistent = [f"{owner}.{buffer}" if owner else buffer for owner, module in model.named_modules()
                       for buffer in module._non_persistent_buffers_set]
