@@ -34,7 +34,8 @@ from .config import PaCAConfig
 from .loss import chunked_causal_lm_loss
 from .model import apply_paca
 
-PLAN_METHODS = ("floor", "paca", "lora", "lora-fp32", "full")
+PLAN_METHODS = ("floor", "paca", "lora", "lora-fp32", "qpaca", "qlora", "full")
+QUANTIZED_METHODS = ("qpaca", "qlora")
 DEFAULT_TARGETS = "all-linear"
 
 
@@ -53,6 +54,7 @@ class MethodPlan:
     total_checkpointed_bytes: int
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
+    peak_bytes: int = 0
 
 
 def load_config(name_or_path: str):
@@ -118,6 +120,8 @@ def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) 
 
 
 def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) -> tuple[nn.Module, list[str]]:
+    """``model`` set up to train with ``method``; a qpaca/qlora model must be quantized already
+    (`_quantize_linears`)."""
     if method == "full":
         model.requires_grad_(True)
         return model, []
@@ -125,27 +129,84 @@ def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) 
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model, ["all weights frozen: the least any adapter method can save"]
-    if method == "paca":
-        return apply_paca(model, PaCAConfig(rank=rank, alpha=2 * rank, target_modules=targets)), [f"rank {rank}"]
-    if method in ("lora", "lora-fp32"):
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
-        fp32 = method == "lora-fp32"
-        model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
-        if not fp32:
-            # peft skips casting adapters built on the meta device (a plan), so cast them here;
-            # on a real model peft already did.
-            for name, module in model.named_modules():
-                if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
-                    for key, parameter in list(module._parameters.items()):
-                        if parameter is not None and parameter.dtype != model.dtype:
-                            # replaced, not Module.to(): fake parameters cannot be swapped
-                            module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
-                                                                   requires_grad=parameter.requires_grad)
-        kind = "float32 (peft's default)" if fp32 else "the model's dtype"
-        return model, [f"rank {lora_rank}, adapters in {kind}"]
+    if method in ("paca", "qpaca"):
+        model = apply_paca(model, PaCAConfig(rank=rank, alpha=2 * rank, target_modules=targets))
+        kind = "float32 (paca_dtype='auto' on a quantized base)" if method == "qpaca" else "paca_dtype='auto'"
+        return model, [f"rank {rank}, trained columns {kind}"]
+    if method in ("lora", "lora-fp32", "qlora"):
+        return _prepare_lora(model, lora_rank, targets, fp32=method == "lora-fp32")
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
+
+
+def _prepare_lora(model: nn.Module, lora_rank: int, targets, fp32: bool) -> tuple[nn.Module, list[str]]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+    model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
+    if not fp32:
+        # peft skips casting adapters built on the meta device (a plan), so cast them here;
+        # on a real model peft already did.
+        for name, module in model.named_modules():
+            if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
+                for key, parameter in list(module._parameters.items()):
+                    if parameter is not None and parameter.dtype != model.dtype:
+                        # replaced, not Module.to(): fake parameters cannot be swapped
+                        module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
+                                                               requires_grad=parameter.requires_grad)
+    kind = "float32 (peft's default)" if fp32 else "the model's dtype"
+    return model, [f"rank {lora_rank}, adapters in {kind}"]
+
+
+def _quantize_linears(model: nn.Module, fake: bool) -> None:
+    """Make every plain ``nn.Linear`` but the output head a bitsandbytes nf4 ``Linear4bit``
+    (blocksize 64, double quantization, computing in the weight's dtype), as transformers'
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``
+    loads a model; on fake tensors through `_fake_nf4_linear`."""
+    from .quantized import quantize_linear
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            parent, _, child = name.rpartition(".")
+            quantized = _fake_nf4_linear(module) if fake else quantize_linear(module, "nf4")
+            setattr(model.get_submodule(parent), child, quantized)
+    # peft chooses its bitsandbytes LoRA layer only for a model flagged as loaded in 4 bits
+    model.is_loaded_in_4bit = True
+
+
+def _fake_nf4_linear(linear: nn.Linear) -> nn.Module:
+    """A ``Linear4bit`` over fake nf4 bytes. bitsandbytes' ``Params4bit`` cannot wrap a fake tensor,
+    but its quantization and matmul ops have fake kernels: the bytes and the quantization state
+    come from bitsandbytes' own ``quantize_4bit`` (so their sizes are its sizes), held by a plain
+    Parameter carrying the attributes ``Linear4bit``, peft and QPaCA read from a ``Params4bit``."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .quantized import import_bitsandbytes
+
+    bnb = import_bitsandbytes("planning qpaca or qlora")
+    weight = linear.weight.detach()
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with unset_fake_temporarily():  # the module's own (meta) Params4bit, replaced below
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+    packed = nn.Parameter(packed, requires_grad=False)
+    for key, value in dict(quant_state=state, quant_type="nf4", compress_statistics=True, blocksize=64,
+                           quant_storage=torch.uint8, bnb_quantized=True).items():
+        setattr(packed, key, value)
+    layer._parameters["weight"] = packed
+    layer.quant_state = state
+    layer.bias = linear.bias
+    return layer
+
+
+def _warm_bitsandbytes_tables() -> None:
+    """bitsandbytes builds the double quantization's code table (256 float32 values) from Python
+    floats on first use and caches it; that read fails on fake tensors, so quantize one real block
+    first (each layer's state then holds its own copy of the table, fake or real)."""
+    from .quantized import import_bitsandbytes
+
+    bnb = import_bitsandbytes("planning qpaca or qlora")
+    bnb.functional.quantize_4bit(torch.ones(64), blocksize=64, compress_statistics=True, quant_type="nf4")
 
 
 def _fake_from_meta(model: nn.Module) -> nn.Module:
@@ -178,6 +239,8 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
         mode = FakeTensorMode(allow_non_fake_inputs=True)
     # Module.to() cannot assign a fake tensor into a real parameter's .data; replacing the
     # parameter (torch's documented future behaviour) works for both kinds.
+    if method in QUANTIZED_METHODS and fake:
+        _warm_bitsandbytes_tables()
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
@@ -188,22 +251,38 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
-def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
-                  chunk_size, is_fake_mode) -> MethodPlan:
+def _build(config, method, dtype, rank, lora_rank, targets, is_fake_mode) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    if method.startswith("lora") and is_fake_mode:
+    if method in ("lora", "lora-fp32") and is_fake_mode:
         # peft moves each new adapter with Module.to(), which cannot swap fake parameters: build
         # on the meta device, then give every tensor a fake CPU twin (CPU kernels choose which
         # tensors attention saves, so the meta device itself would count differently).
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             model, notes = _prepare(method, model, rank, lora_rank, targets)
+        return _fake_from_meta(model), notes
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if method in QUANTIZED_METHODS:
+        _quantize_linears(model, fake=is_fake_mode)
+    if method == "qlora" and is_fake_mode:
+        # The fake nf4 bytes cannot live on the meta device; only the adapters are built there
+        # (peft leaves meta adapters where they are), then made fake CPU tensors.
+        with torch.device("meta"):
+            model, notes = _prepare(method, model, rank, lora_rank, targets)
         model = _fake_from_meta(model)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model, notes = _prepare(method, model, rank, lora_rank, targets)
+    if method in QUANTIZED_METHODS:
+        notes.append("frozen base nf4 (blocksize 64, double quantization), computing in the model's dtype; "
+                     "embeddings, norms and head in the model's dtype")
+    return model, notes
+
+
+def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
+                  chunk_size, is_fake_mode) -> MethodPlan:
+    model, notes = _build(config, method, dtype, rank, lora_rank, targets, is_fake_mode)
     model.train()
     ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
 
@@ -215,14 +294,36 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
     saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
     layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum({_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    weights = model_state_bytes(model)
     grads = sum(p.numel() * p.element_size() for p in trainable)
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
     return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
                       persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
-                      sum(p.numel() for p in trainable), notes)
+                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + max(saved, grads + optimizer_states))
+
+
+def model_state_bytes(model: nn.Module) -> int:
+    """Bytes the model holds before training: parameters, buffers (PaCA's pretrained columns and
+    indices among them) and bitsandbytes' quantization states, each storage once (tied weights
+    count once, as in memory)."""
+    storages: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+        tensors += _quant_state_tensors(state)
+    for tensor in tensors:
+        storages[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (block scales, code table, offset; nested too)."""
+    if state is None:
+        return []
+    found = [getattr(state, key, None) for key in ("absmax", "code", "offset")]
+    return [t for t in found if torch.is_tensor(t)] + _quant_state_tensors(getattr(state, "state2", None))
 
 
 def total_with_checkpointing(plan: MethodPlan, layers: int) -> int:

@@ -20,11 +20,8 @@ def small_config():
 
 
 def real_saved_bytes(config, method, dtype, batch_size, sequence_length, rank):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model, _ = planner._prepare(method, model, rank, rank // 2, planner.DEFAULT_TARGETS)
+    # Real tensors; qpaca and qlora quantize with bitsandbytes itself (`quantize_linear`).
+    model, _ = planner._build(config, method, dtype, rank, rank // 2, planner.DEFAULT_TARGETS, is_fake_mode=False)
     model.train()
     ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
 
