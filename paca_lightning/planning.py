@@ -22,6 +22,7 @@ LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors'
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import PaCAConfig
 from .loss import chunked_causal_lm_loss
@@ -291,7 +294,8 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
         head = model.get_output_embeddings()
         return chunked_causal_lm_loss(hidden, head.weight, ids, lm_head_bias=head.bias, chunk_size=chunk_size)
 
-    saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+    with LiveBytes([*_model_tensors(model), ids]) as live:
+        saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
     layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = model_state_bytes(model)
@@ -299,23 +303,72 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
+    # AdamW's first step (foreach, torch's default on CUDA) creates the two moments and, while
+    # updating, one temporary per trainable tensor (the second moment's square root), with every
+    # gradient and whatever backward left alive still held.
+    optimizer_peak = live.current + optimizer_states + grads
     return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
                       persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
-                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + max(saved, grads + optimizer_states))
+                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + max(live.peak, optimizer_peak))
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storages alive while it is active, and their peak: every storage an op
+    returns counts from its first appearance until the last tensor viewing it is freed (fake or
+    real tensors alike). Storages of ``existing`` tensors (the model's) are not counted.
+
+    This is what an allocator must hold for the step: saved tensors, each op's outputs and
+    temporaries (the loss's chunk logits, backward's intermediate gradients) and the gradients.
+    It leaves out the allocator's rounding and fragmentation and any workspace a kernel allocates
+    outside torch's tensors.
+    """
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.existing = {_storage_key(t) for t in existing}
+        self.references: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in _pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        key, size = _storage_key(tensor), tensor.untyped_storage().nbytes()
+        if key in self.existing:
+            return
+        if key not in self.references:
+            self.references[key] = 0
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        self.references[key] += 1
+        # A tensor's Python object lives as long as its TensorImpl does, also when only autograd holds it.
+        weakref.finalize(tensor, self._release, key, size)
+
+    def _release(self, key: int, size: int) -> None:
+        self.references[key] -= 1
+        if not self.references[key]:
+            del self.references[key]
+            self.current -= size
+
+
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and bitsandbytes' quantization-state tensors of ``model``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+        tensors += _quant_state_tensors(state)
+    return tensors
 
 
 def model_state_bytes(model: nn.Module) -> int:
     """Bytes the model holds before training: parameters, buffers (PaCA's pretrained columns and
     indices among them) and bitsandbytes' quantization states, each storage once (tied weights
     count once, as in memory)."""
-    storages: dict[int, int] = {}
-    tensors = [*model.parameters(), *model.buffers()]
-    for module in model.modules():
-        state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
-        tensors += _quant_state_tensors(state)
-    for tensor in tensors:
-        storages[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
+    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in _model_tensors(model)}.values())
 
 
 def _quant_state_tensors(state) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import LlamaConfig
 
 from paca_lightning import planning as planner
@@ -19,7 +20,9 @@ def small_config():
                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 
 
-def real_saved_bytes(config, method, dtype, batch_size, sequence_length, rank):
+def real_step(config, method, dtype, batch_size, sequence_length, rank, chunk_size=8):
+    """(bytes saved for backward, model bytes, peak bytes) of one real CPU step, the peak counted
+    by the planner's `LiveBytes` on real tensors."""
     # Real tensors; qpaca and qlora quantize with bitsandbytes itself (`quantize_linear`).
     model, _ = planner._build(config, method, dtype, rank, rank // 2, planner.DEFAULT_TARGETS, is_fake_mode=False)
     model.train()
@@ -27,26 +30,81 @@ def real_saved_bytes(config, method, dtype, batch_size, sequence_length, rank):
 
     def step():
         hidden = model.base_model(input_ids=ids).last_hidden_state
-        return chunked_causal_lm_loss(hidden, model.lm_head.weight, ids, chunk_size=8)
+        return chunked_causal_lm_loss(hidden, model.lm_head.weight, ids, chunk_size=chunk_size)
 
     total, _, loss = saved_bytes(step, parameters=list(model.parameters()))
     loss.backward()
-    return total
+    # Again for the peak, without the saved tensors the counter above keeps alive through backward.
+    for parameter in model.parameters():
+        parameter.grad = None
+    with planner.LiveBytes([*planner._model_tensors(model), ids]) as live:
+        planner.count_saved(model, step)
+    weights = planner.model_state_bytes(model)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return total, weights, weights + max(live.peak, live.current + 3 * grads)
+
+
+def assert_plan_equals_real_step(config, method, dtype, batch_size, sequence_length, rank, chunk_size):
+    planned = planner.plan_method(config, method, batch_size=batch_size, sequence_length=sequence_length,
+                                  dtype=dtype, rank=rank, chunk_size=chunk_size)
+    real = real_step(config, method, dtype, batch_size, sequence_length, rank, chunk_size)
+    assert (planned.saved_bytes, planned.weight_bytes, planned.peak_bytes) == real
+    return planned
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", planner.PLAN_METHODS)
 def test_planned_saved_bytes_equal_a_real_step(method, dtype):
     config = small_config()
-    planned = planner.plan_method(config, method, batch_size=2, sequence_length=16, dtype=dtype, rank=8,
-                                  chunk_size=8)
-    assert planned.saved_bytes == real_saved_bytes(config, method, dtype, 2, 16, 8)
+    planned = assert_plan_equals_real_step(config, method, dtype, 2, 16, 8, chunk_size=8)
     assert len(planned.saved_per_layer_bytes) == 2 and min(planned.saved_per_layer_bytes) > 0
     assert planned.saved_bytes == sum(planned.saved_per_layer_bytes) + planned.head_and_loss_bytes
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["llama-50m", "llama3-8b-layer"])
+def test_planned_bytes_equal_a_real_step_at_real_widths(shape, dtype):
+    """The bench preset llama-50m, and one decoder layer of LLaMA3-8B's full width (GQA 32/8
+    heads, intermediate 14336; a 128-token vocabulary keeps the embedding cheap): every method."""
+    from paca_lightning.bench.models import PRESETS
+
+    if shape == "llama-50m":
+        config = LlamaConfig(**PRESETS["llama-50m"])
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128, rope_theta=500000.0)
+    for method in planner.PLAN_METHODS:
+        assert_plan_equals_real_step(config, method, dtype, 1, 64, 16, chunk_size=32)
+
+
+def test_nf4_bytes_are_bitsandbytes_bytes():
+    """nf4 with blocksize 64 and double quantization, per layer of n weights: ceil(n/2) packed bytes,
+    one uint8 scale per 64 weights, one float32 scale per 256 of those, a 16-entry and a 256-entry
+    float32 code table and a float32 offset; the planner's fake layer holds exactly these."""
+    from math import ceil
+
+    from torch import nn
+
+    from paca_lightning.quantized import quantize_linear
+
+    planner._warm_bitsandbytes_tables()
+    for out_features, in_features in [(70, 100), (64, 64), (1376, 512)]:
+        linear = nn.Linear(in_features, out_features, bias=False)
+        real = quantize_linear(linear, "nf4")
+        n = in_features * out_features
+        blocks = ceil(n / 64)
+        expected = ceil(n / 2) + blocks + 4 * ceil(blocks / 256) + 4 * 16 + 4 * 256 + 4
+        layer_bytes = [sum(t.untyped_storage().nbytes() for t in [layer.weight] + planner._quant_state_tensors(
+            layer.weight.quant_state)) for layer in (real,)]
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = planner._fake_nf4_linear(nn.Linear(in_features, out_features, bias=False))
+            layer_bytes.append(sum(t.untyped_storage().nbytes() for t in [fake.weight] + planner._quant_state_tensors(
+                fake.quant_state)))
+        assert layer_bytes == [expected, expected]
+
+
 def test_fake_paca_model_trains_and_eager_checks_stay():
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaForCausalLM
 
     from paca_lightning.layers import validated_indices
