@@ -1,6 +1,10 @@
 """`paca-lightning plan`: bytes counted on fake tensors equal those of a real CPU step."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +80,71 @@ def test_planned_bytes_equal_a_real_step_at_real_widths(shape, dtype):
                              num_key_value_heads=8, vocab_size=128, rope_theta=500000.0)
     for method in planner.PLAN_METHODS:
         assert_plan_equals_real_step(config, method, dtype, 1, 64, 16, chunk_size=32)
+
+
+PEAK_SETTINGS = dict(batch_size=2, sequence_length=256, rank=16, chunk_size=64)
+
+
+def peak_rss_child(method: str, dtype_name: str) -> None:
+    """In a fresh process: build llama-50m for ``method``, run one training step (forward with the
+    chunked loss, backward, AdamW) and print how far the kernel's peak RSS (VmHWM) rose above the
+    RSS after the model was built. A first forward and backward, its gradients dropped, loads the
+    kernels' code pages before the baseline so that the step's figure holds tensors only."""
+    import gc
+
+    from paca_lightning.bench.measure import current_rss, peak_rss, reset_peak_rss
+    from paca_lightning.bench.models import PRESETS
+
+    torch.set_num_threads(1)
+    settings = PEAK_SETTINGS
+    config = LlamaConfig(**PRESETS["llama-50m"])
+    model, _ = planner._build(config, method, getattr(torch, dtype_name), settings["rank"], settings["rank"] // 2,
+                              planner.DEFAULT_TARGETS, is_fake_mode=False)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (settings["batch_size"], settings["sequence_length"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # foreach=True: the update the planner models (torch's default on CUDA; CPU defaults to a
+    # per-tensor loop whose temporaries are two copies of the largest tensor instead)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
+
+    def step():
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        chunked_causal_lm_loss(hidden, model.lm_head.weight, ids, chunk_size=settings["chunk_size"]).backward()
+
+    step()
+    for parameter in trainable:
+        parameter.grad = None
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss()
+    step()
+    if optimizer is not None:
+        optimizer.step()
+    print(json.dumps({"peak_growth": peak_rss() - before}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", planner.PLAN_METHODS)
+def test_planned_peak_is_within_5_percent_of_a_real_steps_peak_rss(method, dtype_name):
+    """What the step adds to the process's peak resident memory, measured by the kernel, against
+    the planned peak less the model bytes the baseline already holds. glibc returns freed blocks
+    of 128 KiB and more to the kernel at once (MALLOC_MMAP_THRESHOLD_), as a caching allocator
+    would reuse them, so freed activations do not linger in the RSS."""
+    from paca_lightning.bench.models import PRESETS
+
+    planned = planner.plan_method(LlamaConfig(**PRESETS["llama-50m"]), method, dtype=getattr(torch, dtype_name),
+                                  **PEAK_SETTINGS)
+    root = Path(__file__).resolve().parent.parent
+    code = f"from tests.test_plan import peak_rss_child; peak_rss_child({method!r}, {dtype_name!r})"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
+    predicted = planned.peak_bytes - planned.weight_bytes
+    assert predicted > 20 * 2**20  # tens of MiB: 5% is a meaningful bound
+    assert abs(measured - predicted) <= 0.05 * measured, (measured / 2**20, predicted / 2**20)
 
 
 def test_nf4_bytes_are_bitsandbytes_bytes():
