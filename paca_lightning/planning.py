@@ -303,13 +303,13 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
-    # AdamW's first step (foreach, torch's default on CUDA) creates the two moments and, while
-    # updating, one temporary per trainable tensor (the second moment's square root), with every
-    # gradient and whatever backward left alive still held.
-    optimizer_peak = live.current + optimizer_states + grads
+    # In every step after the first, AdamW's two moments are alive throughout; its update (foreach,
+    # torch's default on CUDA) adds one temporary per trainable tensor (the second moment's square
+    # root) to every gradient and whatever else backward left alive.
+    step_peak = optimizer_states + max(live.peak, live.current + grads)
     return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
                       persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
-                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + max(live.peak, optimizer_peak))
+                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + step_peak)
 
 
 class LiveBytes(TorchDispatchMode):
