@@ -7,13 +7,26 @@ counts them on real tensors: distinct non-parameter storages packed by autograd.
 layer's share is what is packed while that layer's forward runs; the rest (embeddings, final
 norm, head and loss) is reported as ``head_and_loss``.
 
-Totals: ``persistent`` = parameters + gradients of trainable parameters + AdamW's two moments;
-``total_bytes`` = persistent + saved; ``total_checkpointed_bytes`` = persistent + the decoder
-layers' inputs (what full activation checkpointing keeps) + head_and_loss + one layer's saved
-bytes (the layer being recomputed). Transient workspace of single ops is not modelled.
+Totals: ``persistent`` = the model's bytes (parameters, buffers, quantization states) + gradients
+of trainable parameters + AdamW's two moments; ``total_bytes`` = persistent + saved;
+``total_checkpointed_bytes`` = persistent + the decoder layers' inputs (what full activation
+checkpointing keeps) + head_and_loss + one layer's saved bytes (the layer being recomputed).
+Neither is a peak: they leave out each op's transient outputs (the loss's chunk logits, backward's
+intermediate gradients) and count saved bytes and gradients as if both were whole at once.
 
-LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors' bf16 runs) and
-``lora-fp32`` with peft's default float32 adapters.
+``peak_bytes`` is the peak of a steady-state step without checkpointing: the model's bytes + AdamW's
+moments (alive from the first step on) + the larger of (a) the most tensor bytes alive at any
+moment of forward and backward, counted op by op on the planned step (`LiveBytes`: saved
+tensors, transients, gradients as they accumulate while saved tensors are freed) and (b) what
+backward leaves alive (the gradients) + one temporary per trainable tensor in AdamW's foreach
+update. Allocator rounding, fragmentation and kernel workspace outside tensors are not modelled.
+
+Methods: ``floor`` (every weight frozen), ``paca``, ``lora`` (adapters in the model's dtype, the
+authors' bf16 runs), ``lora-fp32`` (peft's default float32 adapters), ``qpaca`` and ``qlora`` (the
+same on a frozen nf4 base: every linear layer but the head in bitsandbytes nf4, blocksize 64,
+double quantization, computing in the model's dtype; embeddings, norms and head stay in the model's
+dtype; QPaCA's trained columns in float32, its ``paca_dtype="auto"``, and QLoRA's adapters in the
+model's dtype) and ``full``.
 
 `paca-lightning plan` (`paca_lightning.bench.plan`) prints these plans; training's
 ``activation_checkpointing="auto"`` uses them to choose the layers to checkpoint.

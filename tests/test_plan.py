@@ -206,6 +206,20 @@ def test_plan_cli_json(tmp_path, capsys):
                                         + entry["optimizer_state_bytes"])
 
 
+def test_plan_cli_markdown_and_unknown_methods(tmp_path, capsys):
+    from paca_lightning.cli import main
+
+    small_config().save_pretrained(tmp_path)
+    common = ["plan", "--model", str(tmp_path), "--sequence-length", "8", "--rank", "8"]
+    assert main([*common, "--methods", "qpaca,qlora", "--markdown"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| qpaca", "| qlora"]
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
+    with pytest.raises(SystemExit):
+        main([*common, "--methods", "qpaca,qlora4"])
+    assert "unknown qlora4; choose from floor, paca, lora, lora-fp32, qpaca, qlora, full" in capsys.readouterr().err
+
+
 def test_budget_picks_the_fewest_checkpointed_layers():
     planned = planner.plan_method(small_config(), "lora", batch_size=2, sequence_length=16, dtype=torch.float32,
                                   rank=8, chunk_size=8)
