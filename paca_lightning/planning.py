@@ -9,10 +9,11 @@ norm, head and loss) is reported as ``head_and_loss``.
 
 Totals: ``persistent`` = the model's bytes (parameters, buffers, quantization states) + gradients
 of trainable parameters + AdamW's two moments; ``total_bytes`` = persistent + saved;
-``total_checkpointed_bytes`` = persistent + the decoder layers' inputs (what full activation
-checkpointing keeps) + head_and_loss + one layer's saved bytes (the layer being recomputed).
-Neither is a peak: they leave out each op's transient outputs (the loss's chunk logits, backward's
-intermediate gradients) and count saved bytes and gradients as if both were whole at once.
+``total_checkpointed_bytes`` = the peak with every decoder layer checkpointed
+(`total_with_checkpointing`: persistent + the layers' inputs + head and loss, or a layer's
+recomputation on top of the inputs before it, whichever is larger). Neither models transient
+workspace of single ops (the loss's chunk logits, the gradients flowing through a layer in
+backward), and ``total_bytes`` counts saved bytes and AdamW's moments as if both were whole at once.
 
 ``peak_bytes`` is the peak of a steady-state step without checkpointing: the model's bytes + AdamW's
 moments (alive from the first step on) + the larger of (a) the most tensor bytes alive at any
@@ -43,8 +44,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .config import PaCAConfig
 from .loss import chunked_causal_lm_loss
@@ -92,21 +93,25 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+def decoder_layer_list(causal_lm: nn.Module) -> nn.ModuleList:
     for module in causal_lm.modules():
         if isinstance(module, nn.ModuleList) and len(module) == causal_lm.config.num_hidden_layers:
             return module
     raise ValueError(f"{type(causal_lm).__name__}: no ModuleList of num_hidden_layers decoder layers found")
 
 
-def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], int]:
-    """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after."""
+def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> tuple[int, list[int], list[int]]:
+    """(saved bytes, per decoder layer, layer inputs) of one forward; runs backward after.
+
+    A layer's inputs are the storages of its tensor arguments not already counted for an
+    earlier layer: what checkpointing that layer keeps."""
     parameters = {_storage_key(p) for p in causal_lm.parameters()}
-    layers = _decoder_layers(causal_lm)
+    layers = decoder_layer_list(causal_lm)
     owner: dict[int, int] = {}
     sizes: dict[int, int] = {}
     current = [-1]
     inputs: dict[int, int] = {}
+    seen_inputs: set[int] = set()
 
     def pack(tensor):
         if tensor.layout == torch.strided:
@@ -119,9 +124,16 @@ def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) 
     handles = []
     for index, layer in enumerate(layers):
         def enter(module, args, kwargs, index=index):
+            # A checkpointed layer keeps its tensor arguments: the hidden states and what the
+            # layers share (rotary cos/sin, a mask), the shared ones counted at the first layer.
             current[0] = index
-            hidden = args[0] if args else kwargs["hidden_states"]
-            inputs[index] = hidden.untyped_storage().nbytes()
+            inputs[index] = 0
+            for tensor in tree_leaves((args, kwargs)):
+                if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                    key = _storage_key(tensor)
+                    if key not in parameters and key not in seen_inputs:
+                        seen_inputs.add(key)
+                        inputs[index] += tensor.untyped_storage().nbytes()
         handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(layer.register_forward_hook(lambda *a: current.__setitem__(0, -1)))
     try:
@@ -246,43 +258,32 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
                 rank: int = 64, lora_rank: Optional[int] = None, targets=DEFAULT_TARGETS,
                 chunk_size: int = 1024, fake: bool = True) -> MethodPlan:
     """One training step of ``method`` on a model built from ``config`` (fake tensors unless ``fake=False``)."""
+    if method not in PLAN_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
     lora_rank = lora_rank or max(rank // 2, 1)
-    if not fake:
-        mode = contextlib.nullcontext()
-    else:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    notes: list[str] = []
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # Module.to() cannot assign a fake tensor into a real parameter's .data; replacing the
-    # parameter (torch's documented future behaviour) works for both kinds.
+    def prepare(model: nn.Module) -> nn.Module:
+        model, method_notes = _prepare_method(method, model, rank, lora_rank, targets, fake)
+        notes.extend(method_notes)
+        return model
+
     if method in QUANTIZED_METHODS and fake:
         _warm_bitsandbytes_tables()
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        with mode:
-            return _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank,
-                                 targets, chunk_size, fake)
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    # peft moves each new adapter with Module.to(), which cannot swap fake parameters
+    planned = plan_step(config, prepare, batch_size=batch_size, sequence_length=sequence_length, dtype=dtype,
+                        chunk_size=chunk_size, fake=fake, build_on_meta=method in ("lora", "lora-fp32"))
+    planned.method, planned.notes = method, notes
+    return planned
 
 
-def _build(config, method, dtype, rank, lora_rank, targets, is_fake_mode) -> tuple[nn.Module, list[str]]:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    if method in ("lora", "lora-fp32") and is_fake_mode:
-        # peft moves each new adapter with Module.to(), which cannot swap fake parameters: build
-        # on the meta device, then give every tensor a fake CPU twin (CPU kernels choose which
-        # tensors attention saves, so the meta device itself would count differently).
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            model, notes = _prepare(method, model, rank, lora_rank, targets)
-        return _fake_from_meta(model), notes
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if method in QUANTIZED_METHODS:
-        _quantize_linears(model, fake=is_fake_mode)
-    if method == "qlora" and is_fake_mode:
+def _prepare_method(method: str, model: nn.Module, rank: int, lora_rank: int, targets,
+                    fake: bool) -> tuple[nn.Module, list[str]]:
+    """`_prepare`, after quantizing the base for qpaca and qlora."""
+    if method not in QUANTIZED_METHODS:
+        return _prepare(method, model, rank, lora_rank, targets)
+    _quantize_linears(model, fake=fake)
+    if method == "qlora" and fake:
         # The fake nf4 bytes cannot live on the meta device; only the adapters are built there
         # (peft leaves meta adapters where they are), then made fake CPU tensors.
         with torch.device("meta"):
@@ -290,25 +291,83 @@ def _build(config, method, dtype, rank, lora_rank, targets, is_fake_mode) -> tup
         model = _fake_from_meta(model)
     else:
         model, notes = _prepare(method, model, rank, lora_rank, targets)
-    if method in QUANTIZED_METHODS:
-        notes.append("frozen base nf4 (blocksize 64, double quantization), computing in the model's dtype; "
-                     "embeddings, norms and head in the model's dtype")
+    notes.append("frozen base nf4 (blocksize 64, double quantization), computing in the model's dtype; "
+                 "embeddings, norms and head in the model's dtype")
     return model, notes
 
 
-def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora_rank, targets,
-                  chunk_size, is_fake_mode) -> MethodPlan:
-    model, notes = _build(config, method, dtype, rank, lora_rank, targets, is_fake_mode)
-    model.train()
-    ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
+@contextlib.contextmanager
+def _planning_mode(fake: bool):
+    """``FakeTensorMode`` (or nothing), with module conversions that replace parameters: Module.to()
+    cannot assign a fake tensor into a real parameter's .data, and replacing the parameter (torch's
+    documented future behaviour) works for both kinds."""
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def compute_loss():
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    else:
+        mode = contextlib.nullcontext()
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with mode:
+            yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+def chunked_loss_step(chunk_size: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The loss of a step as `PaCAFineTuneModule(chunked_loss=True)` computes it."""
+    def loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         hidden = model.base_model(input_ids=ids).last_hidden_state
         head = model.get_output_embeddings()
         return chunked_causal_lm_loss(hidden, head.weight, ids, lm_head_bias=head.bias, chunk_size=chunk_size)
+    return loss
 
-    with LiveBytes([*_model_tensors(model), ids]) as live:
-        saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+
+def plan_step(config, prepare: Callable[[nn.Module], nn.Module], *, batch_size: int, sequence_length: int,
+              dtype: torch.dtype, chunk_size: Optional[int] = 1024,
+              loss: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+              fake: bool = True, build_on_meta: bool = False, autocast_dtype: Optional[torch.dtype] = None,
+              method: str = "custom") -> MethodPlan:
+    """One training step of the model built from ``config`` in ``dtype`` and adapted by ``prepare``.
+
+    ``loss(model, ids)`` computes the step's loss (default: the chunked loss with ``chunk_size``,
+    or the model's own loss from full logits when ``chunk_size`` is None). ``build_on_meta``
+    builds and prepares on the meta device, then gives every tensor a fake CPU twin, for
+    preparations that move parameters (peft); CPU kernels choose which tensors attention saves, so
+    the meta device itself would count differently. ``autocast_dtype`` runs the step under CPU
+    autocast, as mixed-precision training does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if loss is None:
+        loss = (chunked_loss_step(chunk_size) if chunk_size is not None
+                else lambda model, ids: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    with _planning_mode(fake):
+        torch.manual_seed(0)
+        if build_on_meta and fake:
+            with torch.device("meta"):
+                model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype))
+            model = _fake_from_meta(model)
+        else:
+            model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype))
+        model.train()
+        ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
+        autocast = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+
+        def compute_loss():
+            with autocast:
+                return loss(model, ids)
+
+        with LiveBytes([*_model_tensors(model), ids]) as live:
+            saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+        return _totals(method, model, saved, per_layer, inputs_per_layer, live)
+
+
+def _totals(method: str, model: nn.Module, saved: int, per_layer: list[int], inputs_per_layer: list[int],
+            live: LiveBytes) -> MethodPlan:
     layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = model_state_bytes(model)
@@ -316,13 +375,14 @@ def _plan_in_mode(config, method, batch_size, sequence_length, dtype, rank, lora
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
     head = saved - sum(per_layer)
+    plan = MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
+                      persistent + saved, 0, sum(p.numel() for p in trainable))
+    plan.total_checkpointed_bytes = total_with_checkpointing(plan, len(per_layer))
     # In every step after the first, AdamW's two moments are alive throughout; its update (foreach,
     # torch's default on CUDA) adds one temporary per trainable tensor (the second moment's square
     # root) to every gradient and whatever else backward left alive.
-    step_peak = optimizer_states + max(live.peak, live.current + grads)
-    return MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
-                      persistent + saved, persistent + layer_inputs + head + max(per_layer, default=0),
-                      sum(p.numel() for p in trainable), notes, peak_bytes=weights + step_peak)
+    plan.peak_bytes = weights + optimizer_states + max(live.peak, live.current + grads)
+    return plan
 
 
 class LiveBytes(TorchDispatchMode):
@@ -344,7 +404,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in _pytree.tree_leaves(out):
+        for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
                 self._track(tensor)
         return out
@@ -392,19 +452,30 @@ def _quant_state_tensors(state) -> list[torch.Tensor]:
     return [t for t in found if torch.is_tensor(t)] + _quant_state_tensors(getattr(state, "state2", None))
 
 
-def total_with_checkpointing(plan: MethodPlan, layers: int) -> int:
-    """Planned total with ``layers`` decoder layers checkpointed: each keeps only its input, and one
-    layer's saved bytes exist again while it is recomputed in backward."""
-    persistent = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
-    gains = sorted((s - i for s, i in zip(plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes)),
-                   reverse=True)
-    recompute = max(plan.saved_per_layer_bytes, default=0) if layers else 0
-    return persistent + plan.saved_bytes - sum(gains[:layers]) + recompute
+def total_with_checkpointing(plan: MethodPlan, layers: int, persistent_bytes: Optional[int] = None) -> int:
+    """Planned peak of the step with the first ``layers`` decoder layers checkpointed.
+
+    A checkpointed layer keeps only its input. The peak is the larger of the start of backward
+    (persistent + head and loss + what every layer keeps) and each recomputation: backward
+    reaches checkpointed layer ``j`` after every later layer has freed its saved tensors, so then
+    only the layers before ``j`` hold anything besides ``j``'s recomputed activations. That is
+    why the first layers are the ones to checkpoint: recomputed last, they add least.
+    ``persistent_bytes`` replaces the plan's weights + gradients + optimizer states (e.g. one FSDP
+    rank's real share).
+    """
+    if persistent_bytes is None:
+        persistent_bytes = plan.weight_bytes + plan.gradient_bytes + plan.optimizer_state_bytes
+    saved, inputs = plan.saved_per_layer_bytes, plan.layer_input_per_layer_bytes
+    kept = [inputs[index] if index < layers else size for index, size in enumerate(saved)]
+    peak = plan.head_and_loss_bytes + sum(kept)
+    for index in range(min(layers, len(saved))):
+        peak = max(peak, sum(kept[:index]) + saved[index])
+    return persistent_bytes + peak
 
 
-def checkpointed_layers_needed(plan: MethodPlan, budget: int) -> Optional[int]:
+def checkpointed_layers_needed(plan: MethodPlan, budget: int, persistent_bytes: Optional[int] = None) -> Optional[int]:
     """The fewest decoder layers to checkpoint for the step to fit ``budget`` bytes (None: never fits)."""
     for layers in range(len(plan.saved_per_layer_bytes) + 1):
-        if total_with_checkpointing(plan, layers) <= budget:
+        if total_with_checkpointing(plan, layers, persistent_bytes) <= budget:
             return layers
     return None

@@ -82,6 +82,14 @@ def test_lightning_fsdp2_resume_from_adapter_only_checkpoint_continues_like_the_
 
 
 @pytest.mark.slow
+def test_lightning_fsdp2_auto_checkpointing_plans_on_the_shards_and_every_rank_checkpoints_the_same_layers():
+    found = results(LIGHTNING)
+    assert found["fsdp2_auto_roomy_layers"] == [False, False]
+    assert found["fsdp2_auto_tight_layers"] == [True, False]
+    assert found["fsdp2_auto_step2_error"] < TOLERANCE
+
+
+@pytest.mark.slow
 def test_lightning_fsdp2_num_nodes_times_devices_form_one_data_parallel_mesh():
     found = results(LIGHTNING)
     assert found["fsdp2_two_nodes_mesh_size"] == 2

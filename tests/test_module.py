@@ -109,10 +109,10 @@ def test_chunked_loss_trains_like_the_dense_loss(tmp_path):
     _assert_same_columns(trained_columns(dense.model), trained_columns(chunked.model), exact=False)
 
 
-def test_gradient_checkpointing_trains_like_the_plain_model(tmp_path):
+def test_activation_checkpointing_trains_like_the_plain_model(tmp_path):
     examples = token_examples(8)
     plain, _ = _fit(tmp_path / "a", examples, max_steps=3)
-    recomputed, _ = _fit(tmp_path / "b", examples, max_steps=3, module_options=dict(gradient_checkpointing=True))
+    recomputed, _ = _fit(tmp_path / "b", examples, max_steps=3, module_options=dict(activation_checkpointing=True))
     assert recomputed.model.is_activation_checkpointing
     _assert_same_columns(trained_columns(plain.model), trained_columns(recomputed.model), exact=False)
 

@@ -24,12 +24,20 @@ def small_config():
                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
 
 
+def real_model(config, method, dtype, rank):
+    """The planned model on real tensors; qpaca and qlora quantize with bitsandbytes itself (`quantize_linear`)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model, _ = planner._prepare_method(method, model, rank, rank // 2, planner.DEFAULT_TARGETS, fake=False)
+    return model.train()
+
+
 def real_step(config, method, dtype, batch_size, sequence_length, rank, chunk_size=8):
     """(bytes saved for backward, model bytes, peak bytes) of one real CPU step, the peak counted
     by the planner's `LiveBytes` on real tensors."""
-    # Real tensors; qpaca and qlora quantize with bitsandbytes itself (`quantize_linear`).
-    model, _ = planner._build(config, method, dtype, rank, rank // 2, planner.DEFAULT_TARGETS, is_fake_mode=False)
-    model.train()
+    model = real_model(config, method, dtype, rank)
     ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length))
 
     def step():
@@ -98,9 +106,7 @@ def peak_rss_child(method: str, dtype_name: str) -> None:
     torch.set_num_threads(1)
     settings = PEAK_SETTINGS
     config = LlamaConfig(**PRESETS["llama-50m"])
-    model, _ = planner._build(config, method, getattr(torch, dtype_name), settings["rank"], settings["rank"] // 2,
-                              planner.DEFAULT_TARGETS, is_fake_mode=False)
-    model.train()
+    model = real_model(config, method, getattr(torch, dtype_name), settings["rank"])
     ids = torch.randint(0, config.vocab_size, (settings["batch_size"], settings["sequence_length"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach=True: the update the planner models (torch's default on CUDA; CPU defaults to a

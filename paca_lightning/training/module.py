@@ -24,6 +24,7 @@ parameters).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,9 +42,16 @@ from ..data.tokenizer import hub_unreachable, missing_local_path
 from ..experts import is_fused_experts
 from ..layers import DTensor  # () where torch lacks distributed support
 from ..loss import causal_lm_loss, chunked_causal_lm_loss, shift_labels
-from ..model import paca_layers, set_paca_auto_sync
+from ..model import apply_paca, paca_layers, set_paca_auto_sync
 from ..parallel.loading import SUPPORTED_SELECTIONS as SHARDED_SELECTIONS
 from ..parallel.loading import apply_paca_on_meta, build_on_meta, converted_on_load
+from ..quantized import dense_dtype_of
+from .activation_checkpointing import (
+    CheckpointingPlan,
+    default_budget_bytes,
+    enable_activation_checkpointing,
+    plan_checkpointing,
+)
 from .callback import PaCACallback, adapt_for_training, paca_callbacks
 from .checkpointing import StopSignalCheckpoint
 from .guards import NonFiniteLossGuard
@@ -79,8 +87,17 @@ class PaCAFineTuneModule(LightningModule):
             Trainer's ``precision``; a bfloat16 base halves weight memory for large models.
         tokenizer: tokenizer name or path; by default the model's name when ``model`` is a
             string. Needed by `generate` and saved with the merged model.
-        gradient_checkpointing: recompute each decoder layer in backward (transformers'
-            non-reentrant checkpointing); PaCA's recompute sees the current columns.
+        activation_checkpointing: recompute decoder layers in backward instead of keeping their
+            activations (transformers' non-reentrant checkpointing; PaCA's recompute sees the
+            current columns). ``True``: every layer. ``"auto"``: the fewest layers (the first ones)
+            for one step to fit ``memory_budget_gb``, planned at the first training batch (see
+            `paca_lightning.training.activation_checkpointing`); PaCA's smaller activations then
+            mean fewer recomputed layers than LoRA's. ``False``: none.
+        memory_budget_gb: with ``activation_checkpointing="auto"``, the memory one training step may
+            use on each device, in GB (10^9 bytes). ``None``: 90% of a CUDA card; other devices
+            need it given.
+        gradient_checkpointing: the former name of ``activation_checkpointing`` (``True``/``False``),
+            still read from older checkpoints' hyperparameters.
         compile: ``torch.compile`` the model in place after PaCA is applied. Forward-time column
             syncing is then switched off (it would recompile every step) and the callback writes
             the columns after each optimizer step.
@@ -99,10 +116,13 @@ class PaCAFineTuneModule(LightningModule):
                  learning_rate: float = 2e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.0, dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
-                 tokenizer: Optional[str] = None, gradient_checkpointing: bool = False, compile: bool = False,
+                 tokenizer: Optional[str] = None, activation_checkpointing: Union[bool, Literal["auto"]] = False,
+                 memory_budget_gb: Optional[float] = None, compile: bool = False,
                  chunked_loss: bool = False, loss_chunk_size: int = 1024, method: Literal["paca", "lora"] = "paca",
-                 lora: Optional[LoRASettings] = None) -> None:
+                 lora: Optional[LoRASettings] = None, gradient_checkpointing: Optional[bool] = None) -> None:
         super().__init__()
+        activation_checkpointing = _checkpointing_setting(activation_checkpointing, gradient_checkpointing,
+                                                          memory_budget_gb)
         if method not in ("paca", "lora"):
             raise ValueError(f"PaCAFineTuneModule(method={method!r}) is not valid; choose 'paca' or 'lora'")
         if isinstance(lora, Mapping):  # hyperparameters restored from a checkpoint hold a dict
@@ -150,7 +170,9 @@ class PaCAFineTuneModule(LightningModule):
         self.dtype_name = dtype
         self.tokenizer_name = tokenizer if tokenizer is not None else self.model_name
         self._tokenizer: Any = None
-        self.gradient_checkpointing, self.compile_model = gradient_checkpointing, compile
+        self.activation_checkpointing, self.compile_model = activation_checkpointing, compile
+        self.memory_budget_gb = None if memory_budget_gb is None else float(memory_budget_gb)
+        self.checkpointing_plan: Optional[CheckpointingPlan] = None  # "auto": made at the first training batch
         self.chunked_loss, self.loss_chunk_size = chunked_loss, loss_chunk_size
         self.val_loss = MeanMetric()
         # An nn.Module is not a hyperparameter: load_from_checkpoint(path, model=...) takes it again.
@@ -158,7 +180,8 @@ class PaCAFineTuneModule(LightningModule):
         hparams.update({"paca": paca.to_dict(), "learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
                    "betas": list(self.betas), "eps": self.eps, "warmup_steps": warmup_steps,
                    "min_lr_ratio": self.min_lr_ratio, "dtype": dtype, "tokenizer": self.tokenizer_name,
-                   "gradient_checkpointing": gradient_checkpointing, "compile": compile,
+                   "activation_checkpointing": activation_checkpointing, "memory_budget_gb": self.memory_budget_gb,
+                   "compile": compile,
                    "chunked_loss": chunked_loss, "loss_chunk_size": loss_chunk_size, "method": method,
                    "lora": lora.to_dict() if lora is not None else None})
         self.save_hyperparameters(hparams)
@@ -170,6 +193,11 @@ class PaCAFineTuneModule(LightningModule):
         """Build the named model and prepare it (`_prepare`); a model given as a module was
         prepared in ``__init__``. Runs under the strategy's init contexts and before it wraps
         the model; repeated calls (``fit`` then ``validate``) leave the model as it is."""
+        if self.activation_checkpointing and getattr(getattr(self._trainer, "strategy", None),
+                                                     "activation_checkpointing", False):
+            raise ValueError(f"PaCAFineTuneModule(activation_checkpointing={self.activation_checkpointing!r}) and the "
+                             "strategy's activation_checkpointing=True would checkpoint each layer twice; keep one "
+                             "(the module's, for 'auto')")
         if self.model is None:
             checkpoint = self._sharded_loading_source()
             if checkpoint is None:
@@ -220,8 +248,8 @@ class PaCAFineTuneModule(LightningModule):
             transformers_model = model.get_base_model()
         else:
             transformers_model = model = adapt_for_training(model, self.paca)
-        if self.gradient_checkpointing:
-            _enable_activation_checkpointing(transformers_model)
+        if self.activation_checkpointing:  # "auto" starts with every layer, then keeps only what the plan needs
+            enable_activation_checkpointing(transformers_model)
         if hasattr(getattr(transformers_model, "config", None), "use_cache"):
             transformers_model.config.use_cache = False  # a KV cache is useless in training and costs memory
         if self.compile_model:
@@ -296,14 +324,17 @@ class PaCAFineTuneModule(LightningModule):
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"PaCAFineTuneModule expects batches as dicts with 'input_ids' and 'labels' "
                              f"(and optionally 'attention_mask', 'position_ids'); got {keys}")
-        model = self._require_model()
         inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
+        # the chunked loss needs the transformers model: its base_model returns hidden states, peft's would not
+        model = self._transformers_model() if self.chunked_loss else self._require_model()
+        return self._loss_of(model, inputs, batch["labels"])
+
+    def _loss_of(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         if not self.chunked_loss:
-            return causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"])
-        model = self._transformers_model()  # its base_model returns hidden states, peft's would not
+            return causal_lm_loss(model(**inputs, use_cache=False).logits, labels)
         head = self._output_head(model)
         hidden_states = model.base_model(**inputs, use_cache=False).last_hidden_state
-        return chunked_causal_lm_loss(hidden_states, head.weight, batch["labels"], lm_head_bias=head.bias,
+        return chunked_causal_lm_loss(hidden_states, head.weight, labels, lm_head_bias=head.bias,
                                       chunk_size=self.loss_chunk_size)
 
     @staticmethod
@@ -320,6 +351,45 @@ class PaCAFineTuneModule(LightningModule):
             raise TypeError(f"chunked_loss=True needs a transformers causal LM with a Linear output head "
                             f"and a base_model; {type(model).__name__} has head {type(head).__name__}")
         return head
+
+    # ----------------------------------------------------------- activation checkpointing
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.activation_checkpointing == "auto" and self.checkpointing_plan is None:
+            self.checkpointing_plan = self._plan_checkpointing(batch)
+
+    def _plan_checkpointing(self, batch: Mapping[str, torch.Tensor]) -> CheckpointingPlan:
+        """Plan ``"auto"`` for the longest batch this run can see (the data module's
+        ``max_length`` when it has one) and checkpoint the layers every rank agrees on."""
+        model = self._transformers_model()
+        batch_size, length = batch["input_ids"].shape
+        max_length = getattr(self.trainer.datamodule, "max_length", None)
+        if isinstance(max_length, int):
+            length = max(length, max_length)
+        precision = str(self.trainer.precision)
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        if self.method == "lora":
+            settings = dataclasses.replace(self.lora, quantize=None)  # QLoRA's activations: planned as LoRA's
+
+            def prepare(fresh: nn.Module) -> nn.Module:
+                return apply_lora(fresh, settings).get_base_model()
+        else:
+            # the columns do not change the bytes, and QPaCA saves what PaCA saves (x_S)
+            paca = dataclasses.replace(getattr(model, "paca_config", self.paca), quantize=None, selection="random")
+
+            def prepare(fresh: nn.Module) -> nn.Module:
+                return apply_paca(fresh, paca)
+        budget = (int(self.memory_budget_gb * 1e9) if self.memory_budget_gb is not None
+                  else default_budget_bytes(self.device))
+        plan = plan_checkpointing(model, prepare, lambda fresh, ids: self._loss_of(fresh, {"input_ids": ids}, ids),
+                                  batch_size=batch_size, sequence_length=length, budget_bytes=budget,
+                                  dtype=dense_dtype_of(model), autocast_dtype=autocast,
+                                  build_on_meta=self.method == "lora")
+        # ranks may plan different lengths or shard sizes; all must recompute the same layers
+        wanted = plan.total_layers + 1 if plan.count is None else plan.count
+        agreed = int(self.trainer.strategy.reduce(torch.tensor(wanted, device=self.device), reduce_op="max"))
+        layers = plan.apply(model, agreed)
+        rank_zero_info(plan.describe(layers))
+        return plan
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
@@ -405,16 +475,24 @@ class PaCAFineTuneModule(LightningModule):
         return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _enable_activation_checkpointing(model: nn.Module) -> None:
-    """transformers' non-reentrant checkpointing (reentrant would need inputs that require grad)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise TypeError(f"gradient_checkpointing=True needs a transformers model; {type(model).__name__} "
-                        "has neither activation_checkpointing_enable nor gradient_checkpointing_enable")
+def _checkpointing_setting(activation_checkpointing: Any, gradient_checkpointing: Optional[bool],
+                           memory_budget_gb: Optional[float]) -> Union[bool, str]:
+    """``activation_checkpointing`` checked, with the former ``gradient_checkpointing`` folded in."""
+    if gradient_checkpointing is not None:
+        if activation_checkpointing not in (False, gradient_checkpointing):
+            raise ValueError(f"PaCAFineTuneModule got activation_checkpointing={activation_checkpointing!r} and its "
+                             f"former name gradient_checkpointing={gradient_checkpointing!r}; give only "
+                             "activation_checkpointing")
+        activation_checkpointing = bool(gradient_checkpointing)
+    if activation_checkpointing not in (True, False, "auto"):
+        raise ValueError(f"PaCAFineTuneModule(activation_checkpointing={activation_checkpointing!r}) is not valid; "
+                         "choose True (every decoder layer), 'auto' (as many as memory_budget_gb needs) or False")
+    if memory_budget_gb is not None:
+        if activation_checkpointing != "auto":
+            raise ValueError(f"PaCAFineTuneModule(memory_budget_gb={memory_budget_gb}) is read only with "
+                             f"activation_checkpointing='auto', not {activation_checkpointing!r}")
+        _check_number("memory_budget_gb", memory_budget_gb, minimum=0.0, inclusive=False)
+    return activation_checkpointing
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

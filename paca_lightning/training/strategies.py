@@ -62,6 +62,11 @@ class PaCAModelParallelStrategy(ModelParallelStrategy):
                                   mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                                   layer_classes=layer_classes)
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether `shard_paca_model` wraps each decoder layer in a checkpoint."""
+        return bool(self._shard_kwargs["activation_checkpointing"])
+
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()

@@ -42,10 +42,10 @@ def samples() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def module(weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> PaCAFineTuneModule:
+def module(weight_decay: float = 0.0, config: PaCAConfig = CONFIG, **options) -> PaCAFineTuneModule:
     # min_lr_ratio=1: a constant learning rate, so the reference needs no schedule
     return PaCAFineTuneModule(tiny_llama(), paca=config, learning_rate=2e-2, min_lr_ratio=1.0,
-                              weight_decay=weight_decay)
+                              weight_decay=weight_decay, **options)
 
 
 def reference(steps: int, weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> dict[str, torch.Tensor]:
@@ -68,14 +68,16 @@ def strategy(kind: str):
         return PaCAModelParallelStrategy(activation_checkpointing=True)
     if kind == "fsdp2_full":  # one full checkpoint file written by rank 0
         return PaCAModelParallelStrategy(save_distributed_checkpoint=False)
+    if kind == "fsdp2_plain":  # the module checkpoints, if anything
+        return PaCAModelParallelStrategy()
     if kind == "fsdp1":
         return PaCAFSDPStrategy()
     return "ddp"
 
 
 def fit(kind: str, root: Path, max_steps: int, ckpt_path=None, num_nodes: int = 1,
-        weight_decay: float = 0.0, config: PaCAConfig = CONFIG) -> PaCAFineTuneModule:
-    trained = module(weight_decay, config)
+        weight_decay: float = 0.0, config: PaCAConfig = CONFIG, **module_options) -> PaCAFineTuneModule:
+    trained = module(weight_decay, config, **module_options)
     trainer = Trainer(accelerator="cpu", devices=2 // num_nodes, num_nodes=num_nodes, strategy=strategy(kind),
                       max_steps=max_steps,
                       default_root_dir=str(root), logger=False, enable_checkpointing=False,
@@ -138,6 +140,16 @@ def main(out: Path) -> None:
             results["fsdp2_qpaca_merged_logits_error"] = (merged(ids).logits - adapter(ids).logits).abs().max().item()
         results["fsdp2_qpaca_merged_is_dense"] = not any("bitsandbytes" in type(m).__module__ for m in merged.modules())
     dist.barrier()
+    # activation_checkpointing="auto" on FSDP2 shards: at a budget just enough for one checkpointed
+    # layer on the rank that needs most, every rank checkpoints layer 0 and trains exactly
+    roomy = fit("fsdp2_plain", out / "auto_roomy", max_steps=1, activation_checkpointing="auto", memory_budget_gb=100)
+    needed = torch.tensor(roomy.checkpointing_plan.planned_bytes(1))
+    dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+    tight = fit("fsdp2_plain", out / "auto_tight", max_steps=2, activation_checkpointing="auto",
+                memory_budget_gb=needed.item() / 1e9)
+    results["fsdp2_auto_roomy_layers"] = [layer.gradient_checkpointing for layer in roomy.model.model.layers]
+    results["fsdp2_auto_tight_layers"] = [layer.gradient_checkpointing for layer in tight.model.model.layers]
+    results["fsdp2_auto_step2_error"] = column_error(gathered_columns(tight), refs[2])
     # torchrun's 2 local processes presented as 2 nodes x 1 device (what torchrun sets on each
     # of 2 nodes): the data-parallel mesh must span num_nodes x devices (Lightning's own default
     # would make it num_nodes x 1, tensor-parallel within the node)
