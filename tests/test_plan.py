@@ -151,6 +151,9 @@ def test_planned_peak_is_within_5_percent_of_a_real_steps_peak_rss(method, dtype
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
     predicted = planned.peak_bytes - planned.weight_bytes
+    # -s shows the figures docs/memory.md quotes
+    print(f"\n{method} {dtype_name}: planned {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, "
+          f"measured/planned {measured / predicted:.3f}")
     assert predicted > 20 * 2**20  # tens of MiB: 5% is a meaningful bound
     assert abs(measured - predicted) <= 0.05 * measured, (measured / 2**20, predicted / 2**20)
 
