@@ -419,7 +419,7 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.current)
         self.references[key] += 1
         # A tensor's Python object lives as long as its TensorImpl does, also when only autograd holds it.
-        weakref.finalize(tensor, self._release, key, size)
+        weakref.finalize(tensor, self._release, key, size).atexit = False  # nothing to count at exit
 
     def _release(self, key: int, size: int) -> None:
         self.references[key] -= 1
