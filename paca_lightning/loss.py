@@ -193,7 +193,9 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
     if has_no_data(labels):
         # Which tokens are scored is data; plan for the most, every position but each sequence's last.
         positions = torch.arange(targets.numel(), device=targets.device).reshape(labels.shape)
-        rows = positions[..., :-1].reshape(-1)
+        # cloned: with one sequence reshape() is a view whose storage keeps the dropped last
+        # position, and planned saved bytes must equal nonzero()'s own-storage result.
+        rows = positions[..., :-1].reshape(-1).clone()
     else:
         rows = (targets != ignore_index).nonzero().squeeze(1)
     targets = targets.index_select(0, rows)

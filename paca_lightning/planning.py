@@ -7,15 +7,27 @@ counts them on real tensors: distinct non-parameter storages packed by autograd.
 layer's share is what is packed while that layer's forward runs; the rest (embeddings, final
 norm, head and loss) is reported as ``head_and_loss``.
 
-Totals: ``persistent`` = parameters + gradients of trainable parameters + AdamW's two moments;
-``total_bytes`` = persistent + saved; ``total_checkpointed_bytes`` = the peak with every decoder
-layer checkpointed (`total_with_checkpointing`: persistent + the layers' inputs + head and loss,
-or a layer's recomputation on top of the inputs before it, whichever is larger). Transient
-workspace of single ops (including the gradients flowing through a layer in backward) is not
-modelled.
+Totals: ``persistent`` = the model's bytes (parameters, buffers, quantization states) + gradients
+of trainable parameters + AdamW's two moments; ``total_bytes`` = persistent + saved;
+``total_checkpointed_bytes`` = the peak with every decoder layer checkpointed
+(`total_with_checkpointing`: persistent + the layers' inputs + head and loss, or a layer's
+recomputation on top of the inputs before it, whichever is larger). Neither models transient
+workspace of single ops (the loss's chunk logits, the gradients flowing through a layer in
+backward), and ``total_bytes`` counts saved bytes and AdamW's moments as if both were whole at once.
 
-LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors' bf16 runs) and
-``lora-fp32`` with peft's default float32 adapters.
+``peak_bytes`` is the peak of a steady-state step without checkpointing: the model's bytes + AdamW's
+moments (alive from the first step on) + the larger of (a) the most tensor bytes alive at any
+moment of forward and backward, counted op by op on the planned step (`LiveBytes`: saved
+tensors, transients, gradients as they accumulate while saved tensors are freed) and (b) what
+backward leaves alive (the gradients) + one temporary per trainable tensor in AdamW's foreach
+update. Allocator rounding, fragmentation and kernel workspace outside tensors are not modelled.
+
+Methods: ``floor`` (every weight frozen), ``paca``, ``lora`` (adapters in the model's dtype, the
+authors' bf16 runs), ``lora-fp32`` (peft's default float32 adapters), ``qpaca`` and ``qlora`` (the
+same on a frozen nf4 base: every linear layer but the head in bitsandbytes nf4, blocksize 64,
+double quantization, computing in the model's dtype; embeddings, norms and head stay in the model's
+dtype; QPaCA's trained columns in float32, its ``paca_dtype="auto"``, and QLoRA's adapters in the
+model's dtype) and ``full``.
 
 `paca-lightning plan` (`paca_lightning.bench.plan`) prints these plans; training's
 ``activation_checkpointing="auto"`` uses them to choose the layers to checkpoint.
@@ -24,6 +36,7 @@ LoRA is planned twice: ``lora`` with adapters in the model's dtype (the authors'
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +44,15 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .config import PaCAConfig
 from .loss import chunked_causal_lm_loss
 from .model import apply_paca
 
-PLAN_METHODS = ("floor", "paca", "lora", "lora-fp32", "full")
+PLAN_METHODS = ("floor", "paca", "lora", "lora-fp32", "qpaca", "qlora", "full")
+QUANTIZED_METHODS = ("qpaca", "qlora")
 DEFAULT_TARGETS = "all-linear"
 
 
@@ -56,6 +71,7 @@ class MethodPlan:
     total_checkpointed_bytes: int
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
+    peak_bytes: int = 0
 
 
 def load_config(name_or_path: str):
@@ -132,6 +148,8 @@ def count_saved(causal_lm: nn.Module, compute_loss: Callable[[], torch.Tensor]) 
 
 
 def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) -> tuple[nn.Module, list[str]]:
+    """``model`` set up to train with ``method``; a qpaca/qlora model must be quantized already
+    (`_quantize_linears`)."""
     if method == "full":
         model.requires_grad_(True)
         return model, []
@@ -139,27 +157,84 @@ def _prepare(method: str, model: nn.Module, rank: int, lora_rank: int, targets) 
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model, ["all weights frozen: the least any adapter method can save"]
-    if method == "paca":
-        return apply_paca(model, PaCAConfig(rank=rank, alpha=2 * rank, target_modules=targets)), [f"rank {rank}"]
-    if method in ("lora", "lora-fp32"):
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
-        fp32 = method == "lora-fp32"
-        model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
-        if not fp32:
-            # peft skips casting adapters built on the meta device (a plan), so cast them here;
-            # on a real model peft already did.
-            for name, module in model.named_modules():
-                if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
-                    for key, parameter in list(module._parameters.items()):
-                        if parameter is not None and parameter.dtype != model.dtype:
-                            # replaced, not Module.to(): fake parameters cannot be swapped
-                            module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
-                                                                   requires_grad=parameter.requires_grad)
-        kind = "float32 (peft's default)" if fp32 else "the model's dtype"
-        return model, [f"rank {lora_rank}, adapters in {kind}"]
+    if method in ("paca", "qpaca"):
+        model = apply_paca(model, PaCAConfig(rank=rank, alpha=2 * rank, target_modules=targets))
+        kind = "float32 (paca_dtype='auto' on a quantized base)" if method == "qpaca" else "paca_dtype='auto'"
+        return model, [f"rank {rank}, trained columns {kind}"]
+    if method in ("lora", "lora-fp32", "qlora"):
+        return _prepare_lora(model, lora_rank, targets, fp32=method == "lora-fp32")
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
+
+
+def _prepare_lora(model: nn.Module, lora_rank: int, targets, fp32: bool) -> tuple[nn.Module, list[str]]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+    model = get_peft_model(model, config, autocast_adapter_dtype=fp32).get_base_model()
+    if not fp32:
+        # peft skips casting adapters built on the meta device (a plan), so cast them here;
+        # on a real model peft already did.
+        for name, module in model.named_modules():
+            if name.rpartition(".")[0].endswith(("lora_A", "lora_B")):
+                for key, parameter in list(module._parameters.items()):
+                    if parameter is not None and parameter.dtype != model.dtype:
+                        # replaced, not Module.to(): fake parameters cannot be swapped
+                        module._parameters[key] = nn.Parameter(parameter.detach().to(model.dtype),
+                                                               requires_grad=parameter.requires_grad)
+    kind = "float32 (peft's default)" if fp32 else "the model's dtype"
+    return model, [f"rank {lora_rank}, adapters in {kind}"]
+
+
+def _quantize_linears(model: nn.Module, fake: bool) -> None:
+    """Make every plain ``nn.Linear`` but the output head a bitsandbytes nf4 ``Linear4bit``
+    (blocksize 64, double quantization, computing in the weight's dtype), as transformers'
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``
+    loads a model; on fake tensors through `_fake_nf4_linear`."""
+    from .quantized import quantize_linear
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            parent, _, child = name.rpartition(".")
+            quantized = _fake_nf4_linear(module) if fake else quantize_linear(module, "nf4")
+            setattr(model.get_submodule(parent), child, quantized)
+    # peft chooses its bitsandbytes LoRA layer only for a model flagged as loaded in 4 bits
+    model.is_loaded_in_4bit = True
+
+
+def _fake_nf4_linear(linear: nn.Linear) -> nn.Module:
+    """A ``Linear4bit`` over fake nf4 bytes. bitsandbytes' ``Params4bit`` cannot wrap a fake tensor,
+    but its quantization and matmul ops have fake kernels: the bytes and the quantization state
+    come from bitsandbytes' own ``quantize_4bit`` (so their sizes are its sizes), held by a plain
+    Parameter carrying the attributes ``Linear4bit``, peft and QPaCA read from a ``Params4bit``."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .quantized import import_bitsandbytes
+
+    bnb = import_bitsandbytes("planning qpaca or qlora")
+    weight = linear.weight.detach()
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with unset_fake_temporarily():  # the module's own (meta) Params4bit, replaced below
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+    packed = nn.Parameter(packed, requires_grad=False)
+    for key, value in dict(quant_state=state, quant_type="nf4", compress_statistics=True, blocksize=64,
+                           quant_storage=torch.uint8, bnb_quantized=True).items():
+        setattr(packed, key, value)
+    layer._parameters["weight"] = packed
+    layer.quant_state = state
+    layer.bias = linear.bias
+    return layer
+
+
+def _warm_bitsandbytes_tables() -> None:
+    """bitsandbytes builds the double quantization's code table (256 float32 values) from Python
+    floats on first use and caches it; that read fails on fake tensors, so quantize one real block
+    first (each layer's state then holds its own copy of the table, fake or real)."""
+    from .quantized import import_bitsandbytes
+
+    bnb = import_bitsandbytes("planning qpaca or qlora")
+    bnb.functional.quantize_4bit(torch.ones(64), blocksize=64, compress_statistics=True, quant_type="nf4")
 
 
 def _fake_from_meta(model: nn.Module) -> nn.Module:
@@ -183,19 +258,42 @@ def plan_method(config, method: str, *, batch_size: int, sequence_length: int, d
                 rank: int = 64, lora_rank: Optional[int] = None, targets=DEFAULT_TARGETS,
                 chunk_size: int = 1024, fake: bool = True) -> MethodPlan:
     """One training step of ``method`` on a model built from ``config`` (fake tensors unless ``fake=False``)."""
+    if method not in PLAN_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(PLAN_METHODS)}")
     lora_rank = lora_rank or max(rank // 2, 1)
     notes: list[str] = []
 
     def prepare(model: nn.Module) -> nn.Module:
-        model, method_notes = _prepare(method, model, rank, lora_rank, targets)
+        model, method_notes = _prepare_method(method, model, rank, lora_rank, targets, fake)
         notes.extend(method_notes)
         return model
 
+    if method in QUANTIZED_METHODS and fake:
+        _warm_bitsandbytes_tables()
     # peft moves each new adapter with Module.to(), which cannot swap fake parameters
     planned = plan_step(config, prepare, batch_size=batch_size, sequence_length=sequence_length, dtype=dtype,
-                        chunk_size=chunk_size, fake=fake, build_on_meta=method.startswith("lora"))
+                        chunk_size=chunk_size, fake=fake, build_on_meta=method in ("lora", "lora-fp32"))
     planned.method, planned.notes = method, notes
     return planned
+
+
+def _prepare_method(method: str, model: nn.Module, rank: int, lora_rank: int, targets,
+                    fake: bool) -> tuple[nn.Module, list[str]]:
+    """`_prepare`, after quantizing the base for qpaca and qlora."""
+    if method not in QUANTIZED_METHODS:
+        return _prepare(method, model, rank, lora_rank, targets)
+    _quantize_linears(model, fake=fake)
+    if method == "qlora" and fake:
+        # The fake nf4 bytes cannot live on the meta device; only the adapters are built there
+        # (peft leaves meta adapters where they are), then made fake CPU tensors.
+        with torch.device("meta"):
+            model, notes = _prepare(method, model, rank, lora_rank, targets)
+        model = _fake_from_meta(model)
+    else:
+        model, notes = _prepare(method, model, rank, lora_rank, targets)
+    notes.append("frozen base nf4 (blocksize 64, double quantization), computing in the model's dtype; "
+                 "embeddings, norms and head in the model's dtype")
+    return model, notes
 
 
 @contextlib.contextmanager
@@ -263,14 +361,16 @@ def plan_step(config, prepare: Callable[[nn.Module], nn.Module], *, batch_size: 
             with autocast:
                 return loss(model, ids)
 
-        saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
-        return _totals(method, model, saved, per_layer, inputs_per_layer)
+        with LiveBytes([*_model_tensors(model), ids]) as live:
+            saved, per_layer, inputs_per_layer = count_saved(model, compute_loss)
+        return _totals(method, model, saved, per_layer, inputs_per_layer, live)
 
 
-def _totals(method: str, model: nn.Module, saved: int, per_layer: list[int], inputs_per_layer: list[int]) -> MethodPlan:
+def _totals(method: str, model: nn.Module, saved: int, per_layer: list[int], inputs_per_layer: list[int],
+            live: LiveBytes) -> MethodPlan:
     layer_inputs = sum(inputs_per_layer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum({_storage_key(p): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+    weights = model_state_bytes(model)
     grads = sum(p.numel() * p.element_size() for p in trainable)
     optimizer_states = 2 * grads
     persistent = weights + grads + optimizer_states
@@ -278,7 +378,78 @@ def _totals(method: str, model: nn.Module, saved: int, per_layer: list[int], inp
     plan = MethodPlan(method, saved, per_layer, head, layer_inputs, inputs_per_layer, weights, grads, optimizer_states,
                       persistent + saved, 0, sum(p.numel() for p in trainable))
     plan.total_checkpointed_bytes = total_with_checkpointing(plan, len(per_layer))
+    # In every step after the first, AdamW's two moments are alive throughout; its update (foreach,
+    # torch's default on CUDA) adds one temporary per trainable tensor (the second moment's square
+    # root) to every gradient and whatever else backward left alive.
+    plan.peak_bytes = weights + optimizer_states + max(live.peak, live.current + grads)
     return plan
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storages alive while it is active, and their peak: every storage an op
+    returns counts from its first appearance until the last tensor viewing it is freed (fake or
+    real tensors alike). Storages of ``existing`` tensors (the model's) are not counted.
+
+    This is what an allocator must hold for the step: saved tensors, each op's outputs and
+    temporaries (the loss's chunk logits, backward's intermediate gradients) and the gradients.
+    It leaves out the allocator's rounding and fragmentation and any workspace a kernel allocates
+    outside torch's tensors.
+    """
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.existing = {_storage_key(t) for t in existing}
+        self.references: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        key, size = _storage_key(tensor), tensor.untyped_storage().nbytes()
+        if key in self.existing:
+            return
+        if key not in self.references:
+            self.references[key] = 0
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        self.references[key] += 1
+        # A tensor's Python object lives as long as its TensorImpl does, also when only autograd holds it.
+        weakref.finalize(tensor, self._release, key, size).atexit = False  # nothing to count at exit
+
+    def _release(self, key: int, size: int) -> None:
+        self.references[key] -= 1
+        if not self.references[key]:
+            del self.references[key]
+            self.current -= size
+
+
+def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and bitsandbytes' quantization-state tensors of ``model``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
+        tensors += _quant_state_tensors(state)
+    return tensors
+
+
+def model_state_bytes(model: nn.Module) -> int:
+    """Bytes the model holds before training: parameters, buffers (PaCA's pretrained columns and
+    indices among them) and bitsandbytes' quantization states, each storage once (tied weights
+    count once, as in memory)."""
+    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in _model_tensors(model)}.values())
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (block scales, code table, offset; nested too)."""
+    if state is None:
+        return []
+    found = [getattr(state, key, None) for key in ("absmax", "code", "offset")]
+    return [t for t in found if torch.is_tensor(t)] + _quant_state_tensors(getattr(state, "state2", None))
 
 
 def total_with_checkpointing(plan: MethodPlan, layers: int, persistent_bytes: Optional[int] = None) -> int:

@@ -56,13 +56,15 @@ def plan(model: str, methods, memory_budget: Optional[int] = None, **kwargs) -> 
 def format_table(result: dict) -> str:
     mib = 2 ** 20
     rows = [f"{'method':<10} {'saved/layer MiB':>15} {'head+loss MiB':>13} {'saved MiB':>10} "
-            f"{'weights MiB':>11} {'grads MiB':>9} {'optim MiB':>9} {'total MiB':>10} {'ckpt total MiB':>14}"]
+            f"{'weights MiB':>11} {'grads MiB':>9} {'optim MiB':>9} {'total MiB':>10} {'peak MiB':>10} "
+            f"{'ckpt total MiB':>14}"]
     for name, p in result["methods"].items():
         layer = max(p["saved_per_layer_bytes"], default=0)
         rows.append(f"{name:<10} {layer / mib:>15.1f} {p['head_and_loss_bytes'] / mib:>13.1f} "
                     f"{p['saved_bytes'] / mib:>10.1f} {p['weight_bytes'] / mib:>11.1f} "
                     f"{p['gradient_bytes'] / mib:>9.1f} {p['optimizer_state_bytes'] / mib:>9.1f} "
-                    f"{p['total_bytes'] / mib:>10.1f} {p['total_checkpointed_bytes'] / mib:>14.1f}")
+                    f"{p['total_bytes'] / mib:>10.1f} {p['peak_bytes'] / mib:>10.1f} "
+                    f"{p['total_checkpointed_bytes'] / mib:>14.1f}")
     budgeted = [(n, p) for n, p in result["methods"].items() if "memory_budget_bytes" in p]
     if budgeted:
         rows += ["", f"at a budget of {budgeted[0][1]['memory_budget_bytes'] / 2**30:.1f} GiB "
@@ -72,6 +74,29 @@ def format_table(result: dict) -> str:
             needed = p["checkpointed_layers_needed"]
             rows.append(f"{name:<10} {'does not fit' if needed is None else needed:>20} "
                         f"{p['longest_sequence_no_checkpointing']:>14} {p['longest_sequence_all_checkpointed']:>13}")
+    return "\n".join(rows)
+
+
+MARKDOWN_COLUMNS = (("saved per layer (largest)", lambda p: max(p["saved_per_layer_bytes"], default=0)),
+                    ("head + loss", lambda p: p["head_and_loss_bytes"]), ("saved, all", lambda p: p["saved_bytes"]),
+                    ("weights", lambda p: p["weight_bytes"]), ("grads", lambda p: p["gradient_bytes"]),
+                    ("AdamW states", lambda p: p["optimizer_state_bytes"]),
+                    ("total, no checkpointing", lambda p: p["total_bytes"]),
+                    ("peak, no checkpointing", lambda p: p["peak_bytes"]),
+                    ("total, all layers checkpointed", lambda p: p["total_checkpointed_bytes"]))
+
+
+def format_markdown(result: dict) -> str:
+    """The table as a markdown table (MiB), with the longest sequences when a budget was given."""
+    budgeted = all("memory_budget_bytes" in p for p in result["methods"].values())
+    header = [name for name, _ in MARKDOWN_COLUMNS] + (["longest sequence, none", "longest sequence, all"]
+                                                       if budgeted else [])
+    rows = ["| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    for name, p in result["methods"].items():
+        cells = [f"{value(p) / 2**20:.1f}" for _, value in MARKDOWN_COLUMNS]
+        if budgeted:
+            cells += [str(p["longest_sequence_no_checkpointing"]), str(p["longest_sequence_all_checkpointed"])]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -89,7 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--equal-rank", action="store_true")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                         help="per-device budget in GB (10^9 bytes): layers to checkpoint and longest sequences")
-    parser.add_argument("--json", action="store_true")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true")
+    output.add_argument("--markdown", action="store_true", help="a markdown table in MiB (as docs/memory.md holds)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in PLAN_METHODS]
@@ -101,5 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = plan(args.model, methods, memory_budget=budget, batch_size=args.batch_size,
                   sequence_length=args.sequence_length, dtype=getattr(torch, args.dtype), rank=args.rank,
                   lora_rank=args.rank if args.equal_rank else None)
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_markdown(result) if args.markdown else format_table(result))
     return 0
