@@ -249,3 +249,16 @@ def test_longest_sequence_fits_and_the_next_step_does_not():
     assert planner.plan_method(config, "paca", sequence_length=longest, **settings).total_bytes <= budget
     if longest + 16 <= 64:
         assert planner.plan_method(config, "paca", sequence_length=longest + 16, **settings).total_bytes > budget
+
+
+def test_a_budget_reports_what_auto_checkpointing_would_choose(tmp_path):
+    small_config().save_pretrained(tmp_path)
+    settings = dict(batch_size=2, sequence_length=16, dtype=torch.float32, rank=8, chunk_size=8)
+    planned = planner.plan_method(small_config(), "paca", **settings)
+    budget = planner.total_with_checkpointing(planned, 1)
+    assert budget < planned.total_bytes
+    entry = plan_cli.plan(str(tmp_path), ["paca"], memory_budget=budget, **settings)["methods"]["paca"]
+    assert entry["checkpointed_layers_needed"] == 1
+    assert entry["total_auto_checkpointed_bytes"] == budget
+    markdown = plan_cli.format_markdown({"methods": {"paca": entry}})
+    assert "| auto: layers checkpointed | auto: total |" in markdown and "| 1 of 2 |" in markdown

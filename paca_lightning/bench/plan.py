@@ -44,7 +44,11 @@ def plan(model: str, methods, memory_budget: Optional[int] = None, **kwargs) -> 
         if memory_budget is not None:
             rest = {k: v for k, v in kwargs.items() if k != "sequence_length"}
             entry["memory_budget_bytes"] = memory_budget
-            entry["checkpointed_layers_needed"] = checkpointed_layers_needed(planned, memory_budget)
+            # what activation_checkpointing="auto" checkpoints on one device with this budget
+            needed = checkpointed_layers_needed(planned, memory_budget)
+            entry["checkpointed_layers_needed"] = needed
+            entry["total_auto_checkpointed_bytes"] = (None if needed is None
+                                                      else total_with_checkpointing(planned, needed))
             entry["longest_sequence_no_checkpointing"] = longest_sequence(
                 config, method, memory_budget, checkpoint_all=False, **rest)
             entry["longest_sequence_all_checkpointed"] = longest_sequence(
@@ -69,10 +73,12 @@ def format_table(result: dict) -> str:
     if budgeted:
         rows += ["", f"at a budget of {budgeted[0][1]['memory_budget_bytes'] / 2**30:.1f} GiB "
                  "(whole step; longest sequences in steps of 256 tokens):",
-                 f"{'method':<10} {'layers to checkpoint':>20} {'longest, none':>14} {'longest, all':>13}"]
+                 f"{'method':<10} {'auto: layers to checkpoint':>26} {'auto: total MiB':>15} {'longest, none':>14} "
+                 f"{'longest, all':>13}"]
         for name, p in budgeted:
-            needed = p["checkpointed_layers_needed"]
-            rows.append(f"{name:<10} {'does not fit' if needed is None else needed:>20} "
+            needed, total = p["checkpointed_layers_needed"], p["total_auto_checkpointed_bytes"]
+            rows.append(f"{name:<10} {'does not fit' if needed is None else needed:>26} "
+                        f"{'-' if total is None else f'{total / 2**20:.1f}':>15} "
                         f"{p['longest_sequence_no_checkpointing']:>14} {p['longest_sequence_all_checkpointed']:>13}")
     return "\n".join(rows)
 
@@ -87,15 +93,20 @@ MARKDOWN_COLUMNS = (("saved per layer (largest)", lambda p: max(p["saved_per_lay
 
 
 def format_markdown(result: dict) -> str:
-    """The table as a markdown table (MiB), with the longest sequences when a budget was given."""
+    """The table as a markdown table (MiB), with what ``activation_checkpointing="auto"`` checkpoints
+    and the longest sequences when a budget was given."""
     budgeted = all("memory_budget_bytes" in p for p in result["methods"].values())
-    header = [name for name, _ in MARKDOWN_COLUMNS] + (["longest sequence, none", "longest sequence, all"]
+    header = [name for name, _ in MARKDOWN_COLUMNS] + (["auto: layers checkpointed", "auto: total",
+                                                        "longest sequence, none", "longest sequence, all"]
                                                        if budgeted else [])
     rows = ["| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for name, p in result["methods"].items():
         cells = [f"{value(p) / 2**20:.1f}" for _, value in MARKDOWN_COLUMNS]
         if budgeted:
-            cells += [str(p["longest_sequence_no_checkpointing"]), str(p["longest_sequence_all_checkpointed"])]
+            needed, total = p["checkpointed_layers_needed"], p["total_auto_checkpointed_bytes"]
+            cells += ["does not fit" if needed is None else f"{needed} of {len(p['saved_per_layer_bytes'])}",
+                      "-" if total is None else f"{total / 2**20:.1f}",
+                      str(p["longest_sequence_no_checkpointing"]), str(p["longest_sequence_all_checkpointed"])]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
