@@ -157,3 +157,10 @@ def test_auto_plans_a_qpaca_run_counting_its_packed_weights_and_quantization_sta
     assert module.checkpointing_plan.persistent_bytes == device_persistent_bytes(model) == \
         sum(storages.values()) + states + 3 * trained
     assert checkpointed(module) == [False] * LAYERS
+
+
+def test_a_batch_longer_than_the_plan_is_warned_about_once(tmp_path):
+    examples = token_examples(4, length=16) + token_examples(4, length=48)  # the second batch is longer
+    module = PaCAFineTuneModule(tiny_model(), CONFIG, activation_checkpointing="auto", memory_budget_gb=1000)
+    with pytest.warns(UserWarning, match=r"planned for batches of 4 x 16 tokens, but batch 1 has 4 x 48"):
+        quiet_trainer(tmp_path, max_steps=2).fit(module, loader(examples, 4))

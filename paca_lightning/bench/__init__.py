@@ -10,7 +10,8 @@ shipped with the package and plots their loss curves. QLoRA vs QPaCA is measured
 Modules: `models` (presets and loading), `methods` (preparing each method, the losses),
 `measure` (one function per figure), `runner` (the interleaved run), `report` (Markdown, JSON,
 plots), `convergence` (loss curves), `peak_rss` (the CPU peak-memory child process),
-`quantized` (QLoRA vs QPaCA).
+`quantized` (QLoRA vs QPaCA). Run apart: `plan` (``paca-lightning plan``), `checkpointing`
+(budget-driven checkpointing, PaCA vs LoRA) and `sharded_loading` (filling FSDP2 shards).
 """
 
 from __future__ import annotations

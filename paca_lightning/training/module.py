@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import SafetensorError
 from torch import nn
 from torchmetrics import MeanMetric
@@ -173,6 +173,7 @@ class PaCAFineTuneModule(LightningModule):
         self.activation_checkpointing, self.compile_model = activation_checkpointing, compile
         self.memory_budget_gb = None if memory_budget_gb is None else float(memory_budget_gb)
         self.checkpointing_plan: Optional[CheckpointingPlan] = None  # "auto": made at the first training batch
+        self._warned_longer_batch = False
         self.chunked_loss, self.loss_chunk_size = chunked_loss, loss_chunk_size
         self.val_loss = MeanMetric()
         # An nn.Module is not a hyperparameter: load_from_checkpoint(path, model=...) takes it again.
@@ -354,8 +355,18 @@ class PaCAFineTuneModule(LightningModule):
 
     # ----------------------------------------------------------- activation checkpointing
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.activation_checkpointing == "auto" and self.checkpointing_plan is None:
+        if self.activation_checkpointing != "auto":
+            return
+        if self.checkpointing_plan is None:
             self.checkpointing_plan = self._plan_checkpointing(batch)
+            return
+        plan, (batch_size, length) = self.checkpointing_plan, batch["input_ids"].shape
+        if batch_size * length > plan.batch_size * plan.sequence_length and not self._warned_longer_batch:
+            self._warned_longer_batch = True
+            rank_zero_warn(f"activation_checkpointing='auto' planned for batches of {plan.batch_size} x "
+                           f"{plan.sequence_length} tokens, but batch {batch_idx} has {batch_size} x {length}; it "
+                           "may not fit memory_budget_gb. Give the data module a max_length (the plan uses it) "
+                           "or pad every batch to the longest")
 
     def _plan_checkpointing(self, batch: Mapping[str, torch.Tensor]) -> CheckpointingPlan:
         """Plan ``"auto"`` for the longest batch this run can see (the data module's
