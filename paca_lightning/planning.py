@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .config import PaCAConfig
+from .layers import DTensor  # () where torch lacks distributed support
 from .loss import chunked_causal_lm_loss
 from .model import apply_paca
 
@@ -434,14 +435,17 @@ def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
     for module in model.modules():
         state = getattr(module, "quant_state", None) or getattr(getattr(module, "weight", None), "quant_state", None)
         tensors += _quant_state_tensors(state)
+        if torch.is_tensor(getattr(module, "int8_row_scales", None)):  # QPaCA's int8 layers
+            tensors.append(module.int8_row_scales)
     return tensors
 
 
 def model_state_bytes(model: nn.Module) -> int:
     """Bytes the model holds before training: parameters, buffers (PaCA's pretrained columns and
     indices among them) and bitsandbytes' quantization states, each storage once (tied weights
-    count once, as in memory)."""
-    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in _model_tensors(model)}.values())
+    count once, as in memory); of a model sharded by FSDP2, this process's shards."""
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in _model_tensors(model)]
+    return sum({_storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _quant_state_tensors(state) -> list[torch.Tensor]:

@@ -513,14 +513,6 @@ class QuantizedPaCALinear(PaCALayer):
         base.bias = self.bias
         return base
 
-    def state_bytes(self) -> int:
-        """Bytes of the quantization state this layer keeps beside the packed weight (whole on
-        every rank under FSDP2: it is an attribute, not a parameter)."""
-        if self.kind == "8bit":
-            return self.int8_row_scales.numel() * self.int8_row_scales.element_size()
-        return sum(t.numel() * t.element_size() for t in self.quant_state.as_dict(packed=True).values()
-                   if isinstance(t, torch.Tensor))
-
     def get_extra_state(self) -> torch.Tensor:
         """The quantization state, saved in the state dict as ``<layer>._extra_state``: the slot
         PyTorch and its distributed checkpoints keep for non-parameter state, serialized into one

@@ -28,6 +28,20 @@ def save_llama(folder: Path, max_shard_size: str, **sizes) -> LlamaForCausalLM:
     return model
 
 
+def save_memory_test_llama(folder: Path) -> tuple[LlamaForCausalLM, int, int]:
+    """The ~216 MiB fp32 Llama of the memory tests, saved in 100 MB files: (model, one decoder
+    layer's bytes, the largest file's bytes)."""
+    model = save_llama(folder, "100MB", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=12, num_key_value_heads=4, vocab_size=4096)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    return model, layer_bytes, max(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def vm_hwm_growth(peaks: dict) -> tuple[int, int]:
+    """MiB a rank's VmHWM grew by after setup and after the steps."""
+    return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
+
+
 def launch(out: Path, mode: str, checkpoint: Path) -> dict:
     run_torchrun(WORKER, out, mode, str(checkpoint), timeout=900)
     return json.loads((out / "results.json").read_text())
@@ -72,22 +86,16 @@ def test_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
     # glibc keeps freed large blocks for reuse once its mmap threshold has risen, which makes
     # peak RSS depend on the allocation history; a fixed threshold returns them to the kernel.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    model = save_llama(tmp_path / "model", "100MB", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                       num_attention_heads=12, num_key_value_heads=4, vocab_size=4096)
+    model, layer_bytes, largest_file = save_memory_test_llama(tmp_path / "model")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    largest_file = max(path.stat().st_size for path in (tmp_path / "model").glob("*.safetensors"))
     del model
     ranks = launch(tmp_path, "memory-sharded", tmp_path / "model")["ranks"]
     today = launch(tmp_path, "memory-full", tmp_path / "model")["ranks"]  # every rank loads the whole model
     world = len(ranks)
 
-    def growth(peaks):
-        return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
-
     print(f"model {model_bytes >> 20} MiB, layer {layer_bytes >> 20} MiB, largest file {largest_file >> 20} MiB; "
-          f"per-rank VmHWM growth (MiB) after setup / after 2 steps: sharded {[growth(r) for r in ranks]}, "
-          f"whole model per rank {[growth(r) for r in today]}")
+          f"per-rank VmHWM growth (MiB) after setup / after 2 steps: sharded {[vm_hwm_growth(r) for r in ranks]}, "
+          f"whole model per rank {[vm_hwm_growth(r) for r in today]}")
     share = model_bytes / world + 2 * layer_bytes
     for rank, (peaks, whole) in enumerate(zip(ranks, today)):
         setup = peaks["ready"] - peaks["start"]
@@ -101,30 +109,23 @@ def test_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
 def test_qpaca_sharded_loading_peak_host_memory_per_rank(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from paca_lightning import apply_paca
-    from paca_lightning.quantized import QuantizedPaCALinear
+    from paca_lightning.planning import model_state_bytes
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    model = save_llama(tmp_path / "model", "100MB", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                       num_attention_heads=12, num_key_value_heads=4, vocab_size=4096)
+    model, layer_bytes, largest_file = save_memory_test_llama(tmp_path / "model")
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    largest_file = max(path.stat().st_size for path in (tmp_path / "model").glob("*.safetensors"))
     apply_paca(model, PaCAConfig(rank=8, alpha=16, target_modules="all-linear", quantize="nf4"))
     sharded_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # packed weights, P, the rest
-    whole_bytes = (sum(b.numel() * b.element_size() for b in model.buffers())  # pretrained columns: whole
-                   + sum(m.state_bytes() for m in model.modules() if isinstance(m, QuantizedPaCALinear)))
+    whole_bytes = model_state_bytes(model) - sharded_bytes  # pretrained columns, quantization states: whole
     del model
     ranks = launch(tmp_path, "memory-sharded-nf4", tmp_path / "model")["ranks"]
     today = launch(tmp_path, "memory-full-nf4", tmp_path / "model")["ranks"]
     world = len(ranks)
 
-    def growth(peaks):
-        return (peaks["ready"] - peaks["start"]) >> 20, (peaks["trained"] - peaks["start"]) >> 20
-
     print(f"16-bit model {dense_bytes >> 20} MiB, QPaCA model {sharded_bytes >> 20} MiB sharded + {whole_bytes >> 20} "
           f"MiB whole per rank, dense layer {layer_bytes >> 20} MiB, largest file {largest_file >> 20} MiB; per-rank "
-          f"VmHWM growth (MiB) after setup / after 2 steps: sharded {[growth(r) for r in ranks]}, "
-          f"whole model per rank {[growth(r) for r in today]}")
+          f"VmHWM growth (MiB) after setup / after 2 steps: sharded {[vm_hwm_growth(r) for r in ranks]}, "
+          f"whole model per rank {[vm_hwm_growth(r) for r in today]}")
     share = sharded_bytes / world + whole_bytes + 2 * layer_bytes
     for rank, (peaks, whole) in enumerate(zip(ranks, today)):
         setup = peaks["ready"] - peaks["start"]

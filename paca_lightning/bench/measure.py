@@ -248,7 +248,7 @@ def child_peak_rss(spec: dict, timeout_s: float = 1800) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _status_bytes(field_name: str) -> int:
+def status_bytes(field_name: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field_name + ":"):
@@ -257,7 +257,7 @@ def _status_bytes(field_name: str) -> int:
 
 
 def current_rss() -> int:
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> None:
@@ -275,6 +275,6 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss() -> int:
-    return _status_bytes("VmHWM")
+    return status_bytes("VmHWM")
 
 

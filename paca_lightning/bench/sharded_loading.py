@@ -35,37 +35,28 @@ from pathlib import Path
 
 import torch
 
+from .measure import peak_rss, status_bytes
+
 RANK, ALPHA = 8, 16.0
-
-
-def _vm_hwm() -> int:
-    return _status_bytes("VmHWM")
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 class _AnonymousPeak:
     """The highest ``RssAnon`` seen while the block runs, sampled every millisecond (a lower bound)."""
 
     def __enter__(self):
-        self.peak, self._stop = _status_bytes("RssAnon"), threading.Event()
+        self.peak, self._stop = status_bytes("RssAnon"), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _status_bytes("RssAnon"))
+            self.peak = max(self.peak, status_bytes("RssAnon"))
 
     def __exit__(self, *_):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_bytes("RssAnon"))
+        self.peak = max(self.peak, status_bytes("RssAnon"))
 
 
 def _chosen_columns(name, layer, rows, config) -> torch.Tensor:
@@ -140,12 +131,12 @@ def _worker(way: str, checkpoint: Path, warm_up: Path, out: Path, selection: str
 
     load(warm_up)  # the code paths' own pages count before the measurement
     dist.barrier()
-    start_memory, start_anonymous = _vm_hwm(), _status_bytes("RssAnon")
+    start_memory, start_anonymous = peak_rss(), status_bytes("RssAnon")
     with _AnonymousPeak() as anonymous:
         start = time.perf_counter()
         model = load(checkpoint)
         seconds = time.perf_counter() - start
-    grown = _vm_hwm() - start_memory
+    grown = peak_rss() - start_memory
     shards = {name: (t.to_local() if hasattr(t, "to_local") else t).clone() for name, t in model.state_dict().items()}
     torch.save(shards, out / f"{way}_rank{dist.get_rank()}.pt")
     found = [None] * dist.get_world_size()

@@ -31,13 +31,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..planning import MethodPlan, checkpointed_layers_needed, decoder_layer_list, plan_step, total_with_checkpointing
-from ..quantized import QuantizedPaCALinear
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed
-    DTensor = ()
+from ..layers import DTensor  # () where torch lacks distributed support
+from ..planning import (
+    MethodPlan,
+    checkpointed_layers_needed,
+    decoder_layer_list,
+    model_state_bytes,
+    plan_step,
+    total_with_checkpointing,
+)
 
 DEFAULT_CUDA_BUDGET_FRACTION = 0.9
 
@@ -93,18 +95,12 @@ def device_persistent_bytes(model: nn.Module, optimizer_states: int = 2) -> int:
     shards), QPaCA's quantization states, a gradient and ``optimizer_states`` states (AdamW: 2)
     per trained element, and under
     FSDP2 two decoder layers gathered whole (the one computing and the one prefetched)."""
-    storages: dict[int, int] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        local = _local(tensor)
-        storages[local.untyped_storage()._cdata] = local.untyped_storage().nbytes()
-    quantization_states = sum(module.state_bytes() for module in model.modules()
-                              if isinstance(module, QuantizedPaCALinear))
     trained = sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     gathered = 0
     if any(isinstance(p, DTensor) for p in model.parameters()):
         layers = checkpointable_layers(model)
         gathered = 2 * max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
-    return sum(storages.values()) + quantization_states + trained * (1 + optimizer_states) + gathered
+    return model_state_bytes(model) + trained * (1 + optimizer_states) + gathered
 
 
 @dataclasses.dataclass
