@@ -86,7 +86,13 @@ def load_config(name_or_path: str):
         path = path.parent
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {name_or_path}: directory has no config.json")
-    return AutoConfig.from_pretrained(str(path) if path.is_dir() else name_or_path)
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else name_or_path)
+    except (OSError, ValueError) as error:  # malformed JSON, unknown model_type, no such hub name or no network
+        where = (str(path / "config.json") if path.is_dir()
+                 else f"{name_or_path!r} (not a local path; read as a hub name)")
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"--model: cannot read a transformers config from {where}: {reason}") from None
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

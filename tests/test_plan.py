@@ -262,3 +262,13 @@ def test_a_budget_reports_what_auto_checkpointing_would_choose(tmp_path):
     assert entry["total_auto_checkpointed_bytes"] == budget
     markdown = plan_cli.format_markdown({"methods": {"paca": entry}})
     assert "| auto: layers checkpointed | auto: total |" in markdown and "| 1 of 2 |" in markdown
+
+
+def test_plan_names_an_unreadable_config_and_what_was_tried(tmp_path, capsys):
+    from paca_lightning.cli import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"cannot read a transformers config from {tmp_path / 'config.json'}" in capsys.readouterr().err

@@ -35,8 +35,9 @@ def longest_sequence(config, method: str, budget: int, *, checkpoint_all: bool, 
     return low
 
 
-def plan(model: str, methods, memory_budget: Optional[int] = None, **kwargs) -> dict:
-    config = load_config(model)
+def plan(model: str, methods, memory_budget: Optional[int] = None, config=None, **kwargs) -> dict:
+    """Plans of ``methods`` for ``model`` (its config, read unless ``config`` is given)."""
+    config = load_config(model) if config is None else config
     result = {"model": model, "settings": {k: str(v) for k, v in kwargs.items()}, "methods": {}}
     for method in methods:
         planned = plan_method(config, method, **kwargs)
@@ -136,7 +137,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.memory_budget is not None and args.memory_budget <= 0:
         parser.error(f"--memory-budget must be > 0 GB, got {args.memory_budget}")
     budget = None if args.memory_budget is None else int(args.memory_budget * 1e9)
-    result = plan(args.model, methods, memory_budget=budget, batch_size=args.batch_size,
+    try:
+        config = load_config(args.model)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    result = plan(args.model, methods, memory_budget=budget, config=config, batch_size=args.batch_size,
                   sequence_length=args.sequence_length, dtype=getattr(torch, args.dtype), rank=args.rank,
                   lora_rank=args.rank if args.equal_rank else None)
     if args.json:
