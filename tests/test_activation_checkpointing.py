@@ -61,7 +61,7 @@ def test_at_one_budget_paca_checkpoints_fewer_layers_than_lora(tmp_path):
 
 def test_a_budget_nothing_fits_names_the_figures(tmp_path):
     with pytest.raises(ValueError, match=r"needs .* GB on a device even with all 6 decoder layers checkpointed.*"
-                                         r"over the budget of 0.00 GB.*memory_budget_gb"):
+                                         r"over the budget of 0.0000 GB.*memory_budget_gb"):
         fit(tmp_path, activation_checkpointing="auto", memory_budget_gb=1e-6)
 
 

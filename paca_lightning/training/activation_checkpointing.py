@@ -103,6 +103,11 @@ def device_persistent_bytes(model: nn.Module, optimizer_states: int = 2) -> int:
     return model_state_bytes(model) + trained * (1 + optimizer_states) + gathered
 
 
+def _gb(size: int) -> str:
+    """Bytes as GB (10^9, the unit of memory_budget_gb), with enough digits for small budgets."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e9:.4f} GB"
+
+
 @dataclasses.dataclass
 class CheckpointingPlan:
     """What ``activation_checkpointing="auto"`` plans for one device: the fewest decoder layers to
@@ -126,12 +131,12 @@ class CheckpointingPlan:
         """Checkpoint ``count`` layers of ``model`` (the count every rank agreed on, at least this
         plan's); raises ValueError, with the figures, when no count fits."""
         if count > self.total_layers:
-            needed, gb = self.planned_bytes(self.total_layers), 1e9
+            needed = self.planned_bytes(self.total_layers)
             raise ValueError(f"activation_checkpointing='auto': one step of {self.batch_size} x "
-                             f"{self.sequence_length} tokens needs {needed / gb:.2f} GB on a device even with all "
+                             f"{self.sequence_length} tokens needs {_gb(needed)} on a device even with all "
                              f"{self.total_layers} decoder layers checkpointed (weights, gradients and optimizer "
-                             f"states {self.persistent_bytes / gb:.2f} GB here), over the budget of "
-                             f"{self.budget_bytes / gb:.2f} GB. Lower the batch size or max_length, shard over more "
+                             f"states {_gb(self.persistent_bytes)} here), over the budget of "
+                             f"{_gb(self.budget_bytes)}. Lower the batch size or max_length, shard over more "
                              "devices (FSDP2), quantize the base (PaCAConfig.quantize), or raise memory_budget_gb")
         return checkpoint_only(model, count)
 
@@ -141,9 +146,9 @@ class CheckpointingPlan:
         else:
             checkpointed = f"the first {len(layers)} of {self.total_layers} decoder layers"
         return (f"activation checkpointing 'auto': {checkpointed} for batches of {self.batch_size} x "
-                f"{self.sequence_length} tokens; planned step {self.planned_bytes(len(layers)) / 1e9:.2f} GB of the "
-                f"{self.budget_bytes / 1e9:.2f} GB budget (weights, gradients and optimizer states "
-                f"{self.persistent_bytes / 1e9:.2f} GB; saved activations planned by paca_lightning.planning)")
+                f"{self.sequence_length} tokens; planned step {_gb(self.planned_bytes(len(layers)))} of the "
+                f"{_gb(self.budget_bytes)} budget (weights, gradients and optimizer states "
+                f"{_gb(self.persistent_bytes)}; saved activations planned by paca_lightning.planning)")
 
 
 def plan_checkpointing(model: nn.Module, prepare: Callable[[nn.Module], nn.Module],
